@@ -1,0 +1,6 @@
+"""EDDPM for IC-Light: the logic shared by train.py, gradio_demo.py and relight.py.
+
+One module per concern: `masks` (the math of Algorithm 1), `iclight` (model plumbing shared by
+training and the demo), `data` (dataset, buckets, latent cache), `synthetic` (the bundled dataset
+generator). Nothing heavy is imported here, so `python train.py --help` stays fast.
+"""
