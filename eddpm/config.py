@@ -1,0 +1,179 @@
+"""Training configuration: one dataclass, named presets as plain Python, flags generated from the fields.
+
+Resolution order: the dataclass defaults, then the preset, then any flag given on the command line.
+The resolved config is printed at start and written to `<output_dir>/config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - `help` mirrors argparse
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on ---------------------------------------------------------------------------
+    preset: str = _f("tiny", "Named preset whose values replace the defaults below (tiny, small, iclight).",
+                     choices=("tiny", "small", "iclight"))
+    data_dir: str = _f("data/synthetic", "Folder with metadata.jsonl and the images it names (data/README.md).")
+    output_dir: str = _f("outputs/tiny", "Where config.json, unet/, scheduler/, checkpoints and plots go.")
+    cache_dir: str = _f(".cache/latents", "Latent cache (safetensors), keyed by file content, model, size and "
+                        "preprocessing, so it is shared safely between runs and output folders.")
+    base_model: str = _f("tiny", "Base SD1.5 in diffusers layout (folder or hub id), or 'tiny' for the small "
+                         "models built in code (CPU, no downloads).")
+    offset_path: typing.Optional[str] = _f(None, "IC-Light fc offsets (safetensors) added to the base UNet; "
+                                           "None trains from the widened base.")
+    rmbg_path: typing.Optional[str] = _f(None, "BriaRMBG folder, used only for rows with neither an alpha "
+                                         "channel nor a mask file; None skips such rows with a message.")
+    resolution: int = _f(64, "Target side in pixels: buckets have about resolution**2 pixels, sides multiples "
+                         "of 64.")
+    degrade: str = _f("none", "Appearance degradation of the condition for unpaired rows (eddpm/data.py).")
+    flip: bool = _f(False, "Random horizontal flip that also swaps left/right in the prompt.")
+    strict_data: bool = _f(False, "Stop at the first bad row instead of skipping it with a message.")
+    caption_dropout: float = _f(0.1, "Probability of replacing a prompt by the empty prompt, so that "
+                                "classifier-free guidance works at inference.")
+    dataloader_num_workers: int = _f(0, "DataLoader workers; the cached latents are small, 0 is usually best.")
+
+    # --- optimisation of the UNet ---------------------------------------------------------------------
+    train_batch_size: int = _f(8, "Images per device per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    num_train_epochs: int = _f(1, "Epochs, used when max_train_steps is None.")
+    max_train_steps: typing.Optional[int] = _f(None, "Optimizer steps; overrides num_train_epochs. The keep-rate "
+                                               "schedule is counted in these steps.")
+    learning_rate: float = _f(1e-4, "Peak AdamW learning rate of the UNet.")
+    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler name.")
+    lr_warmup_steps: int = _f(0, "Linear LR warm-up in optimizer steps.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW decoupled weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    use_8bit_adam: bool = _f(False, "bitsandbytes AdamW8bit (CUDA only; pip install bitsandbytes).")
+    max_grad_norm: float = _f(1.0, "Gradient-norm clip of the UNet.")
+    mixed_precision: str = _f("no", "no, fp16 (with loss scaling) or bf16; master weights stay fp32.",
+                              choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _f(False, "Recompute UNet activations in backward to save memory.")
+    use_ema: bool = _f(True, "Keep an EMA of the UNet (diffusers EMAModel); the exported unet/ is the EMA.")
+    ema_decay: float = _f(0.999, "EMA decay (with EMAModel's warm-up, so short runs are not stuck at init).")
+    loss_weighting: str = _f("none", "C_t of the loss: none (1) or min_snr (Min-SNR-gamma, eps prediction).",
+                             choices=("none", "min_snr"))
+    snr_gamma: float = _f(5.0, "gamma of Min-SNR weighting.")
+    seed: int = _f(0, "Seed of everything: weights of tiny models, data order, masks, noise, timesteps.")
+
+    # --- EDDPM: the learned step mask (eddpm-algorithm.md) -----------------------------------------------
+    final_keep_rate: float = _f(0.02, "gamma_f of Eq. (10): fraction of the T=1000 steps kept at the end; the "
+                                "exported scheduler keeps round(final_keep_rate * 1000) steps.")
+    warmup: float = _f(0.16, "Training progress (0-1) before the keep rate starts falling.")
+    ramp_end: float = _f(0.6, "Training progress (0-1) where the cubic ramp reaches final_keep_rate.")
+    scores_lr: float = _f(0.5, "Step size eta_s of the keep-probability update, Eq. (11).")
+    scores_optimizer: str = _f("sgd", "sgd is the paper's projected gradient step; adam normalises the "
+                               "REINFORCE gradient's scale.", choices=("sgd", "adam"))
+    scores_max_grad_norm: float = _f(3.0, "Norm clip of the score gradient (the authors' related code uses 3).")
+    mask_mode: str = _f("respaced", "Reading of the masked alpha-bar: paper (Eq. 6), respaced or rescaled.",
+                        choices=("paper", "respaced", "rescaled"))
+    pg_baseline: str = _f("loo", "Policy-gradient baseline: loo (leave-one-out over the global batch) or none.",
+                          choices=("loo", "none"))
+
+    # --- logging, validation, checkpoints -------------------------------------------------------------
+    report_to: str = _f("tensorboard", "accelerate tracker (tensorboard, wandb, all) or none.")
+    logging_steps: int = _f(10, "Optimizer steps between lines of stats.jsonl and tracker logs.")
+    validation_steps: int = _f(0, "Optimizer steps between validation relights; 0 validates only at the end.")
+    num_validation_images: int = _f(4, "Validation relights per validation, from the first dataset rows.")
+    validation_guidance_scale: float = _f(2.0, "CFG of validation relights (IC-Light's default 2).")
+    checkpointing_steps: int = _f(500, "Optimizer steps between checkpoints (0: none).")
+    checkpoints_total_limit: typing.Optional[int] = _f(3, "Keep at most this many checkpoint-<step> folders.")
+    resume_from_checkpoint: typing.Optional[str] = _f(None, "A checkpoint folder, or 'latest' in output_dir.")
+    max_nonfinite_steps: int = _f(5, "Consecutive non-finite losses that stop the run (after a checkpoint).")
+    alpha_bar_warning: float = _f(0.1, "Warn when the mean masked alpha-bar_T(m) over a logging window exceeds "
+                                  "this (the unmasked SD1.5 value is 0.0047: sampling starts from pure noise).")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, dict[str, typing.Any]] = {
+    # The whole job on a 2-core CPU in under 3 minutes, no downloads: bundled synthetic data, tiny models.
+    "tiny": dict(
+        base_model="tiny", data_dir="data/synthetic", output_dir="outputs/tiny", resolution=64,
+        train_batch_size=8, max_train_steps=240, learning_rate=3e-4, lr_warmup_steps=20,
+        checkpointing_steps=120, validation_steps=0, num_validation_images=4, logging_steps=10,
+        report_to="tensorboard",
+    ),
+    # A longer CPU run of the same models (about 10 minutes), for results that can be looked at.
+    "small": dict(
+        base_model="tiny", data_dir="data/synthetic", output_dir="outputs/small", resolution=64,
+        train_batch_size=16, max_train_steps=2000, learning_rate=3e-4, lr_warmup_steps=50,
+        checkpointing_steps=500, validation_steps=500, logging_steps=20,
+    ),
+    # The real run: IC-Light fc on SD1.5 with the weights from `python download_models.py`, one or more GPUs.
+    "iclight": dict(
+        base_model="models/realistic-vision-v51", offset_path="models/iclight_sd15_fc.safetensors",
+        rmbg_path="models/RMBG-1.4", data_dir="data/train", output_dir="outputs/iclight", resolution=512,
+        train_batch_size=4, gradient_accumulation_steps=4, num_train_epochs=1, learning_rate=1e-5,
+        lr_warmup_steps=100, mixed_precision="bf16", gradient_checkpointing=True, final_keep_rate=0.025,
+        checkpointing_steps=500, validation_steps=500, logging_steps=10, ema_decay=0.9999,
+    ),
+}
+
+
+def _arg_type(annotation):
+    inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = inner[0] if inner else annotation
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(getattr(base, "__name__", str(base)), str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train the IC-Light fc UNet with EDDPM (learned diffusion-step masks).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = _arg_type(hints[f.name])
+        kwargs = dict(default=None, help=f.metadata["help"])
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def resolve_config(argv: typing.Sequence[str] | None = None) -> TrainConfig:
+    """Defaults, then the preset, then the flags that were given; validated."""
+    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", TrainConfig.preset)
+    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Clear errors for settings that cannot work, before anything heavy is loaded."""
+    problems = []
+    if not 0 < cfg.final_keep_rate <= 1:
+        problems.append(f"--final_keep_rate must be in (0, 1], got {cfg.final_keep_rate}")
+    if not 0 <= cfg.warmup < cfg.ramp_end <= 1:
+        problems.append(f"need 0 <= --warmup < --ramp_end <= 1, got {cfg.warmup} and {cfg.ramp_end}")
+    if cfg.resolution % 64 or cfg.resolution < 64:
+        problems.append(f"--resolution must be a positive multiple of 64, got {cfg.resolution}")
+    if not 0 <= cfg.caption_dropout < 1:
+        problems.append(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        problems.append("--max_train_steps must be >= 1")
+    if cfg.pg_baseline == "loo" and cfg.train_batch_size * cfg.gradient_accumulation_steps < 2:
+        problems.append("--pg_baseline loo needs at least 2 rows per optimizer step on each process "
+                        "(raise --train_batch_size or --gradient_accumulation_steps, or use --pg_baseline none)")
+    if problems:
+        raise SystemExit("train.py: invalid configuration:\n  " + "\n  ".join(problems))
