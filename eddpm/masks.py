@@ -127,6 +127,8 @@ def score_gradient(
 ) -> torch.Tensor:
     """grad_s Phi of Eq. (9): mean_b (L_b - baseline_b) * (m_b - s) / (s (1 - s)), s clamped to [eps, 1-eps].
 
+    Entries with s exactly 0 or 1 (where the mask always equals s) get exactly 0, so they stay put.
+
     losses: [B] per-row losses (detached); masks: [B, T]; scores: [T]. Returns [T] in float64.
     baseline "none" is plain REINFORCE; "loo" subtracts the mean loss of the other rows, which does not
     depend on row b's own mask and so keeps the estimate unbiased (needs B >= 2).
@@ -144,8 +146,12 @@ def score_gradient(
         advantage = losses - (losses.sum() - losses) / (batch - 1)  # [B]
     else:
         advantage = losses
-    s = scores.detach().to(torch.float64).clamp(eps, 1.0 - eps)
-    grad_log_p = (masks.to(torch.float64) - s) / (s * (1.0 - s))  # [B, T], d/ds ln p(m_b | s)
+    s_raw = scores.detach().to(torch.float64)
+    s = s_raw.clamp(eps, 1.0 - eps)
+    m = masks.to(torch.float64)
+    grad_log_p = (m - s) / (s * (1.0 - s))  # [B, T], d/ds ln p(m_b | s)
+    # at s = 0 or 1 the mask always equals s and (m - s) = 0 exactly: such entries stay where they are
+    grad_log_p = torch.where(m == s_raw, torch.zeros_like(grad_log_p), grad_log_p)
     return (advantage.unsqueeze(-1) * grad_log_p).mean(0)
 
 
@@ -181,7 +187,7 @@ def project_capped_simplex(z: torch.Tensor, budget: float) -> torch.Tensor:
     points = np.concatenate([z64 - 1.0, z64])  # [2T]
     # passing z_t - 1 the term clip(z_t - v, 0, 1) starts falling with slope -1; passing z_t it stops
     slope_change = np.concatenate([np.full(T, -1.0), np.ones(T)])
-    order = np.argsort(points, kind="stable")
+    order = np.argsort(points)  # ties only make zero-width segments, so no stable sort is needed
     points, slope_change = points[order], slope_change[order]
     f = np.empty(2 * T)  # f at each sorted breakpoint; f[0] = T - K > 0 since the clip is infeasible
     f[0] = T - budget
