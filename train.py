@@ -6,6 +6,18 @@
 Per optimizer step: draw masks m ~ Bernoulli(s), noise the target latent with the masked alpha-bar at a
 kept t, predict the noise from [x_t, clean condition], backprop the UNet; then update s by the policy
 gradient and project it onto sum(s) <= K_e (the cubic keep-rate schedule); then the EMA.
+
+Outputs in --output_dir: config.json (the resolved config), stats.jsonl, checkpoint-<step>/ (the last
+--checkpoints_total_limit), and at the end unet/ (EMA weights), scheduler/ (EDDPMScheduler with the
+learned s), iclight_offsets.safetensors, scores.png and samples/step-<step>.png.
+One stats.jsonl line per --logging_steps optimizer steps (and at the last step), means over that window:
+  step, epoch, lr; loss (mean per-sample loss of the global batch); keep_rate (gamma_e of Eq. 10 at
+  progress step / max_train_steps), budget (K_e = keep_rate * T), sum_scores (sum of s after the update);
+  kept_per_mask (mean kept steps per drawn mask), alpha_bar_T (mean masked alpha-bar_T(m));
+  grad_norm (UNet, before clipping), score_grad_norm (s, before clipping; last step of the window);
+  nonfinite_total (optimizer steps skipped for a non-finite loss, whole run);
+  scores_rank_spread (max |s_rank - s_rank0| over processes; 0 when every process holds the same s);
+  steps_per_sec; loss_tAAA-BBB (mean loss of the samples whose t fell in that range).
 """
 
 from __future__ import annotations
@@ -16,8 +28,7 @@ import os
 import sys
 import time
 
-import torch
-
+# torch, diffusers and accelerate are imported inside main(), so that `train.py --help` answers at once
 from eddpm.config import TrainConfig, resolve_config
 
 
@@ -28,6 +39,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = resolve_config(argv)
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -42,13 +54,20 @@ def main(argv: list[str] | None = None) -> dict:
     from eddpm_scheduler import EDDPMScheduler
 
     # ---- initialise -------------------------------------------------------------------------------
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
     accelerator = Accelerator(
+        # several processes and no GPU: accelerate starts gloo only when told cpu=True; without it every
+        # process would train alone as rank 0 into the same output_dir
+        cpu=world_size > 1 and not torch.accelerator.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=os.path.join(cfg.output_dir, "logs")),
     )
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise SystemExit(f"train.py: launched as {world_size} processes but accelerate started "
+                         f"{accelerator.num_processes} ({accelerator.distributed_type}); check `accelerate config`")
     main_proc = accelerator.is_main_process
     say = accelerator.print
     set_seed(cfg.seed)
@@ -66,11 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     noise_schedule = EDDPMScheduler.from_config(models.iclight.SD15_SCHEDULER_CONFIG)  # the one schedule
+    parts.matte_fn = models.load_matte_fn(cfg.rmbg_path, accelerator.device)
     with accelerator.main_process_first():
         dataset = data.build_latent_cache(
             cfg.data_dir, cfg.cache_dir, vae=vae.to(accelerator.device), text_encoder=text_encoder.to(accelerator.device),
-            tokenizer=parts.tokenizer, resolution=cfg.resolution, model_id=data.model_fingerprint(vae),
-            matte_fn=models.load_matte_fn(cfg.rmbg_path, accelerator.device), degrade=cfg.degrade,
+            tokenizer=parts.tokenizer, resolution=cfg.resolution, model_id=None,  # fingerprints VAE, text encoder and tokenizer
+            matte_fn=parts.matte_fn, degrade=cfg.degrade,
             flip=cfg.flip, strict=cfg.strict_data, device=accelerator.device, progress=main_proc,
         )
     vae.cpu(), text_encoder.cpu()  # only validation needs them again
@@ -130,13 +150,19 @@ def main(argv: list[str] | None = None) -> dict:
     pending: dict[str, list] = {"losses": [], "masks": [], "timesteps": []}
     micro_bad, nonfinite_run, warned_alpha = False, 0, False
     progress = tqdm(total=max_steps, initial=global_step, disable=not main_proc, desc="train", dynamic_ncols=True)
-    t_last = time.perf_counter()
+    t_last, step_last = time.perf_counter(), global_step
     first_epoch, skip = divmod(global_step, steps_per_epoch)
+    if global_step >= max_steps:  # resumed from the last step: only export
+        first_epoch = num_epochs
     for epoch in range(first_epoch, num_epochs):
         active = loader
         if epoch == first_epoch and skip:
             active = accelerator.skip_first_batches(loader, skip * cfg.gradient_accumulation_steps)
-        active.set_epoch(epoch)  # the batch order is a function of (seed, epoch) alone
+        active.set_epoch(epoch)
+        # the batch order is a function of (seed, epoch) alone. Set it on the sampler itself: on several
+        # processes accelerate's set_epoch does not reach it through skip_first_batches' wrapper
+        # (SkipBatchSampler -> BatchSamplerShard has no .sampler), so a resumed run would replay epoch 0
+        batch_sampler.set_epoch(epoch)
         for batch in active:
             with accelerator.accumulate(unet):
                 latents = batch["latents"]  # [B, 4, h, w]
@@ -203,25 +229,31 @@ def main(argv: list[str] | None = None) -> dict:
                 now = time.perf_counter()
                 kept = torch.cat(window["kept"]).double()
                 alpha_T = torch.cat(window["alpha_bar_T"]).double()
+                # every process updates its own copy of s from the same gathered data: check they agree
+                all_scores = accelerator.gather(policy.scores.to(accelerator.device).unsqueeze(0)).cpu()  # [P, T]
+                rank_spread = float((all_scores - all_scores[0]).abs().max())
                 row = {
                     "step": global_step, "epoch": epoch, "loss": _mean(window["loss"]),
                     "lr": lr_scheduler.get_last_lr()[0], "keep_rate": gamma, "budget": gamma * T,
                     "sum_scores": float(policy.scores.sum()), "kept_per_mask": float(kept.mean()),
                     "alpha_bar_T": float(alpha_T.mean()), "grad_norm": _mean(window["grad_norm"]),
                     "score_grad_norm": policy_stats.get("score_grad_norm", float("nan")),
-                    "nonfinite_total": nonfinite_total,
-                    "steps_per_sec": cfg.logging_steps / max(now - t_last, 1e-9),
+                    "nonfinite_total": nonfinite_total, "scores_rank_spread": rank_spread,
+                    "steps_per_sec": (global_step - step_last) / max(now - t_last, 1e-9),
                 }
                 if window["losses"]:
                     row.update(loss_by_timestep_bucket(torch.cat(window["losses"]), torch.cat(window["timesteps"]), T))
-                t_last = now
+                t_last, step_last = now, global_step
                 window = {k: [] for k in window}
                 progress.set_postfix(loss=f"{row['loss']:.4f}", keep=f"{gamma:.3f}", sum_s=f"{row['sum_scores']:.1f}")
                 if main_proc:
-                    with open(stats_path, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                    with open(stats_path, "a") as fh:  # strict JSON: an empty window's NaN mean is written null
+                        fh.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
                     if cfg.report_to != "none":
                         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
+                    if rank_spread > 0:
+                        say(f"train.py: warning: the processes' keep probabilities differ by up to {rank_spread:.3g} "
+                            f"at step {global_step}; they should be identical (non-deterministic score update?)")
                     unmasked_T = float(noise_schedule.alphas_cumprod[-1])
                     if row["alpha_bar_T"] > cfg.alpha_bar_warning and not warned_alpha:
                         warned_alpha = True
@@ -252,6 +284,8 @@ def _final_unet(accelerator, unet, ema):
     """A CPU float32 copy of the trained UNet, with the EMA weights when EMA is on."""
     import copy
 
+    import torch
+
     final = copy.deepcopy(accelerator.unwrap_model(unet)).to("cpu", torch.float32)
     if ema is not None:
         ema.copy_to(final.parameters())
@@ -281,7 +315,7 @@ def _validate(cfg, accelerator, unet, ema, parts, dataset, policy, noise_schedul
     os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
     tiles = []
     for i in range(min(cfg.num_validation_images, len(dataset))):
-        example = data.load_example(dataset.rows[i], cfg.data_dir, dataset.buckets[i])
+        example = data.load_example(dataset.rows[i], cfg.data_dir, dataset.buckets[i], matte_fn=parts.matte_fn)
         foreground, prompt = iclight.composite_on_gray(example.condition, example.alpha), dataset.rows[i].text
         h, w = foreground.shape[:2]
         settings = RelightSettings(prompt=prompt, width=w, height=h, steps=scheduler.config.num_kept_steps,
@@ -320,6 +354,10 @@ def _export(cfg, accelerator, unet, ema, parts, dataset, policy, noise_schedule,
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 if __name__ == "__main__":

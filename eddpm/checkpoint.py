@@ -17,14 +17,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".tmp-checkpoint-"
 EDDPM_STATE = "eddpm_state"
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoint folders in `output_dir`, oldest first (temporary `.tmp-*` folders are ignored)."""
+    """Complete checkpoint folders in `output_dir`, oldest first: temporary `.tmp-*` folders, and folders
+    without the EDDPM state (written last, just before the rename), are ignored."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
+             if (m := _CHECKPOINT.match(name)) and os.path.isfile(os.path.join(output_dir, name, f"{EDDPM_STATE}.json"))]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
@@ -41,13 +44,20 @@ def resolve_resume(output_dir: str, resume: str | None) -> str | None:
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, extra_state: dict, total_limit: int | None) -> str:
-    """Write checkpoint-<step>/ atomically on every process's behalf; returns its path."""
+    """Write checkpoint-<step>/ atomically on every process's behalf; returns its path.
+
+    Every process must call it: each writes its own RNG state into the temporary folder, and the main
+    process renames the folder only once all of them are done.
+    """
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process and os.path.isdir(tmp):
-        shutil.rmtree(tmp)
+    tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}")
+    if accelerator.is_main_process:  # leftovers of saves that were killed
+        for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+            if name.startswith(_TMP_PREFIX):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # the other processes' random_states_<rank>.pkl are written
     if accelerator.is_main_process:
         save_extra_state(tmp, extra_state)
         if os.path.isdir(final):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -44,11 +45,14 @@ class TrainConfig:
     # --- optimisation of the UNet ---------------------------------------------------------------------
     train_batch_size: int = _f(8, "Images per device per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    num_train_epochs: int = _f(1, "Epochs, used when max_train_steps is None.")
+    num_train_epochs: int = _f(1, "Epochs, used when max_train_steps is None (giving --num_train_epochs without "
+                               "--max_train_steps clears a preset's max_train_steps).")
     max_train_steps: typing.Optional[int] = _f(None, "Optimizer steps; overrides num_train_epochs. The keep-rate "
                                                "schedule is counted in these steps.")
     learning_rate: float = _f(1e-4, "Peak AdamW learning rate of the UNet.")
-    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler name.")
+    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler name.",
+                           choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                    "constant_with_warmup"))
     lr_warmup_steps: int = _f(0, "Linear LR warm-up in optimizer steps.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -151,7 +155,10 @@ def resolve_config(argv: typing.Sequence[str] | None = None) -> TrainConfig:
     """Defaults, then the preset, then the flags that were given; validated."""
     given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     preset = given.get("preset", TrainConfig.preset)
-    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
+    values = {**PRESETS[preset], **given, "preset": preset}
+    if "num_train_epochs" in given and "max_train_steps" not in given:
+        values["max_train_steps"] = None  # an explicit epoch count wins over the preset's step count
+    cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
 
@@ -167,11 +174,25 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"--resolution must be a positive multiple of 64, got {cfg.resolution}")
     if not 0 <= cfg.caption_dropout < 1:
         problems.append(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps",
+                 "max_nonfinite_steps"):
         if getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
-        problems.append("--max_train_steps must be >= 1")
+            problems.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_train_steps", "checkpoints_total_limit"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("checkpointing_steps", "validation_steps", "num_validation_images", "lr_warmup_steps",
+                 "dataloader_num_workers"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "scores_lr", "max_grad_norm", "scores_max_grad_norm", "snr_gamma"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"--{name} must be > 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema_decay < 1:
+        problems.append(f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    resume = cfg.resume_from_checkpoint
+    if resume not in (None, "latest") and not os.path.isdir(resume):
+        problems.append(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder")
     if cfg.pg_baseline == "loo" and cfg.train_batch_size * cfg.gradient_accumulation_steps < 2:
         problems.append("--pg_baseline loo needs at least 2 rows per optimizer step on each process "
                         "(raise --train_batch_size or --gradient_accumulation_steps, or use --pg_baseline none)")

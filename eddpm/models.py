@@ -23,6 +23,7 @@ class Components:
     vae: Any
     text_encoder: Any
     tokenizer: Any
+    matte_fn: Any = None  # image uint8 [H, W, 3] -> alpha [H, W] (BriaRMBG), for rows without alpha or mask
 
 
 def load_components(
