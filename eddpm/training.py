@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 from eddpm import masks as M
+from eddpm.rewards import gap_rewards
+
+REWARDS = ("loss", "gap")  # what the policy gradient minimises: the plain loss (Eq. 9) or eddpm.rewards'
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
@@ -68,11 +71,14 @@ class MaskPolicy:
         lr: float = 0.5,
         optimizer: str = "sgd",
         max_grad_norm: float | None = 3.0,
+        reward: str = "loss",
     ):
         if mask_mode not in M.MASK_MODES:
             raise ValueError(f"mask_mode must be one of {M.MASK_MODES}, got {mask_mode!r}")
         self.betas = betas.detach().to(torch.float64).cpu()  # [T]
-        self.mask_mode, self.baseline, self.max_grad_norm = mask_mode, baseline, max_grad_norm
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+        self.mask_mode, self.baseline, self.max_grad_norm, self.reward = mask_mode, baseline, max_grad_norm, reward
         self.scores = torch.ones_like(self.betas)  # [T], s of Algorithm 1, probabilities
         if optimizer == "sgd":
             self.optimizer = torch.optim.SGD([self.scores], lr=lr)
@@ -97,12 +103,22 @@ class MaskPolicy:
         return {"masks": masks, "timesteps": timesteps, "alpha_bar_t": alpha_bar_t,
                 "alpha_bar_T": alphas_cumprod[:, -1]}
 
-    def update(self, losses: torch.Tensor, masks: torch.Tensor, keep_fraction: float) -> dict[str, float]:
+    def update(
+        self, losses: torch.Tensor, masks: torch.Tensor, keep_fraction: float, timesteps: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """Eqs. (9), (11), (12): s <- proj_S(s - eta_s grad_s Phi) with S = {s in [0,1]^T : sum(s) <= K_e}.
 
-        losses: [N] detached per-sample losses of the global batch; masks: [N, T] their masks.
+        losses: [N] detached per-sample losses of the global batch; masks: [N, T] their masks; timesteps: [N]
+        their t, needed by reward "gap", which replaces each loss by `rewards.gap_rewards` (the error of the
+        deterministic step to the previous kept step) and pins s_{T-1} = 1, projecting the other entries onto
+        K_e - 1 so that sum(s) <= K_e still holds.
         """
-        grad = M.score_gradient(losses.cpu(), masks.cpu(), self.scores, baseline=self.baseline)  # [T]
+        rewards = losses.cpu()
+        if self.reward == "gap":
+            if timesteps is None:
+                raise ValueError("reward 'gap' needs the timesteps of the rows")
+            rewards = gap_rewards(rewards, masks.cpu(), timesteps.cpu(), self.betas, self.mask_mode)
+        grad = M.score_gradient(rewards, masks.cpu(), self.scores, baseline=self.baseline)  # [T]
         grad_norm = float(grad.norm())
         if self.max_grad_norm and grad_norm > self.max_grad_norm:
             grad = grad * (self.max_grad_norm / grad_norm)
@@ -111,7 +127,11 @@ class MaskPolicy:
         self.optimizer.zero_grad(set_to_none=True)
         budget = keep_fraction * self.num_train_timesteps  # K_e
         with torch.no_grad():
-            self.scores.copy_(M.project_capped_simplex(self.scores, budget))
+            if self.reward == "gap":  # t = T-1 always kept (sampling starts there), inside the budget
+                self.scores[:-1] = M.project_capped_simplex(self.scores[:-1], max(budget - 1.0, 0.0))
+                self.scores[-1] = 1.0
+            else:
+                self.scores.copy_(M.project_capped_simplex(self.scores, budget))
         return {"score_grad_norm": grad_norm, "budget": budget, "sum_scores": float(self.scores.sum())}
 
     def state_dict(self) -> dict:

@@ -700,3 +700,41 @@ def test_mask_from_timesteps_round_trip():
     assert set(t.tolist()) <= set(steps.tolist())
     assert torch.equal(M.mask_from_timesteps(torch.tensor([0, 999, 0]), 1000).nonzero().flatten(),
                        torch.tensor([0, 999]))
+
+
+# --- the mask policy (eddpm/training.py) with the gap reward ------------------------------------------------
+
+
+def test_mask_policy_gap_reward_pins_the_start_step_and_respects_the_budget():
+    from eddpm.rewards import gap_rewards
+    from eddpm.training import MaskPolicy
+
+    betas = sd15_betas()
+    gen = torch.Generator().manual_seed(3)
+    policy = MaskPolicy(betas, mask_mode="respaced", lr=0.05, optimizer="adam", reward="gap")
+    for step in range(6):
+        draw = policy.draw(8, gen)
+        losses = torch.rand(8, generator=gen, dtype=torch.float64)
+        policy.update(losses, draw["masks"], keep_fraction=0.3, timesteps=draw["timesteps"])
+        assert policy.scores[-1] == 1.0, f"step {step}: s_(T-1) = {float(policy.scores[-1])}"
+        assert float(policy.scores.sum()) <= 0.3 * 1000 + 1e-9
+    with pytest.raises(ValueError, match="timesteps"):
+        policy.update(losses, draw["masks"], keep_fraction=0.3)
+    # the reward handed to the score gradient is gap_rewards of the losses, not the losses
+    plain = MaskPolicy(betas, mask_mode="respaced", lr=0.05, optimizer="sgd", reward="loss")
+    gap = MaskPolicy(betas, mask_mode="respaced", lr=0.05, optimizer="sgd", reward="gap")
+    with torch.no_grad():  # inside (0, 1), where the score gradient is not zero
+        plain.scores.fill_(0.5)
+        gap.scores.fill_(0.5)
+    draw = plain.draw(8, gen)
+    losses = torch.rand(8, generator=gen, dtype=torch.float64)
+    expected = M.score_gradient(gap_rewards(losses, draw["masks"], draw["timesteps"], betas, "respaced"),
+                              draw["masks"], gap.scores)
+    gap.update(losses, draw["masks"], keep_fraction=1.0, timesteps=draw["timesteps"])
+    plain.update(losses, draw["masks"], keep_fraction=1.0)
+    assert not torch.allclose(gap.scores, plain.scores), "the gap reward changed nothing"
+    # with keep_fraction 1 the projection is the box clip; sgd without momentum: s' = clip(1 - lr * g)
+    clip = min(1.0, 3.0 / float(expected.norm())) if float(expected.norm()) > 0 else 1.0
+    want = (torch.full((1000,), 0.5, dtype=torch.float64) - 0.05 * clip * expected).clamp(0, 1)
+    want[-1] = 1.0
+    torch.testing.assert_close(gap.scores, want, rtol=0, atol=1e-12)

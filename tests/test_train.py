@@ -382,10 +382,10 @@ def test_policy_gets_every_micro_batch(small_data, cache_dir, tmp_path, monkeypa
                          "alpha_bar_t": alpha_bar_t.clone()})
         return losses
 
-    def record_update(self, losses, masks, keep_fraction):
+    def record_update(self, losses, masks, keep_fraction, timesteps=None):
         updates.append({"losses": losses.clone(), "masks": masks.clone(), "keep_fraction": keep_fraction,
-                        "mask_mode": self.mask_mode, "betas": self.betas})
-        return update(self, losses, masks, keep_fraction)
+                        "mask_mode": self.mask_mode, "betas": self.betas, "timesteps": timesteps.clone()})
+        return update(self, losses, masks, keep_fraction, timesteps=timesteps)
 
     monkeypatch.setattr(eddpm.training.MaskPolicy, "draw", record_draw)
     monkeypatch.setattr(eddpm.training.MaskPolicy, "update", record_update)
@@ -403,6 +403,8 @@ def test_policy_gets_every_micro_batch(small_data, cache_dir, tmp_path, monkeypa
     torch.testing.assert_close(torch.cat([u["masks"] for u in updates]), masks.float(), rtol=0, atol=0)
     timesteps = torch.cat([c["timesteps"] for c in computed])  # [20]
     assert bool((masks.gather(1, timesteps[:, None]) == 1).all()), "a sample's t is masked out"
+    # the gap reward needs each row's t: the update gets the same timesteps, in the same order
+    assert torch.equal(torch.cat([u["timesteps"] for u in updates]), timesteps)
     alpha_bar = masked_alphas_cumprod(updates[0]["betas"], masks, updates[0]["mask_mode"])  # [20, T]
     torch.testing.assert_close(torch.cat([c["alpha_bar_t"] for c in computed]),
                                alpha_bar.gather(1, timesteps[:, None]).squeeze(1), rtol=0, atol=0)

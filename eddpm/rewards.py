@@ -1,0 +1,76 @@
+"""A gap-aware reward for EDDPM's mask policy: an experimental variant, off unless asked for.
+
+Why: the plain loss of Algorithm 1 at a kept step t does not depend on where the other kept steps lie, so
+REINFORCE on it (Eq. 9) has no reason to favour masks that sample well; under `respaced` it prefers the
+high-noise steps, where the eps-prediction loss is lowest. This reward charges each kept step t for the
+error of the deterministic (DDIM) step from t to the previous kept step s < t, measured against the forward
+process at level s with the same (x_0, eps). With x0_hat = (x_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t):
+
+    x_s^DDIM - x_s = sqrt(a_s) (x0_hat - x_0) + sqrt(1 - a_s) (eps_hat - eps)
+                   = (sqrt(a_s (1 - a_t) / a_t) - sqrt(1 - a_s)) (eps - eps_hat),       a = alpha-bar(m)
+
+so ||x_s^DDIM - x_s||^2 = w(t, s) ||eps - eps_hat||^2, a closed-form weight on the plain loss. s = -1 (no
+kept step below t) is the final step to x_0: a_s = 1, w = (1 - a_t) / a_t = 1 / SNR_t. The model itself
+still trains on the plain loss; only the policy's reward changes. Meant for mask_mode "respaced", where a
+kept step keeps the pretrained noise level and the kept steps can drive any deterministic sampler.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eddpm import masks as M
+
+
+def previous_kept_timesteps(masks: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """s_b = max{i < t_b : m_bi = 1}, or -1 when row b keeps no step below t_b.
+
+    masks: [B, T] of 0/1; timesteps: [B] long. Returns LongTensor [B].
+    """
+    if masks.dim() != 2 or timesteps.shape != masks.shape[:1]:
+        raise ValueError(f"need masks [B, T] and timesteps [B], got {tuple(masks.shape)}, {tuple(timesteps.shape)}")
+    steps = torch.arange(masks.shape[-1], device=masks.device).expand_as(masks)  # [B, T]
+    last_kept = torch.where(masks > 0, steps, torch.full_like(steps, -1)).cummax(dim=-1).values  # [B, T]
+    below = (timesteps.long() - 1).clamp(min=0).unsqueeze(1)  # [B, 1]
+    prev = last_kept.gather(1, below).squeeze(1)  # [B], last kept step at or before t-1
+    return torch.where(timesteps > 0, prev, torch.full_like(prev, -1))
+
+
+def ddim_step_weights(alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor) -> torch.Tensor:
+    """w(t, s) = (sqrt(a_s (1 - a_t) / a_t) - sqrt(1 - a_s))^2, the DDIM-step error per unit eps error.
+
+    alpha_bar_t, alpha_bar_s: [B] with a_s >= a_t (s below t; a_s = 1 for the step to x_0). Returns [B] float64.
+    """
+    a_t, a_s = alpha_bar_t.double(), alpha_bar_s.double()
+    return ((a_s * (1.0 - a_t) / a_t).sqrt() - (1.0 - a_s).clamp(min=0.0).sqrt()) ** 2
+
+
+def gap_rewards(
+    losses: torch.Tensor, masks: torch.Tensor, timesteps: torch.Tensor, betas: torch.Tensor, mask_mode: str
+) -> torch.Tensor:
+    """R_b = n_b w(t_b, s_b) L_b: an unbiased estimate of sum_{kept t} w(t, s(t)) E||eps - eps_hat||^2 for mask b.
+
+    t_b is uniform among the n_b kept steps of row b, so n_b times one term estimates the sum over the
+    kept steps, a first-order bound on the error a sampler over exactly those steps accumulates.
+    losses: [B] plain per-row losses at (t_b, alpha-bar_t(m_b)); masks: [B, T]; timesteps: [B];
+    betas: [T] the unmasked schedule. Returns [B] float64, to pass to `MaskPolicy.update` instead of `losses`.
+    """
+    alphas_cumprod = M.masked_alphas_cumprod(betas, masks, mask_mode)  # [B, T], float64
+    prev = previous_kept_timesteps(masks, timesteps)  # [B]
+    alpha_bar_t = alphas_cumprod.gather(1, timesteps.long().unsqueeze(1)).squeeze(1)
+    alpha_bar_s = alphas_cumprod.gather(1, prev.clamp(min=0).unsqueeze(1)).squeeze(1)
+    alpha_bar_s = torch.where(prev >= 0, alpha_bar_s, torch.ones_like(alpha_bar_s))  # step to x_0
+    num_kept = masks.to(torch.float64).sum(-1)  # [B]
+    return num_kept * ddim_step_weights(alpha_bar_t, alpha_bar_s) * losses.detach().double()
+
+
+def pin_start_step_(scores: torch.Tensor) -> torch.Tensor:
+    """s_{T-1} <- 1, in place, after each policy update when training with `gap_rewards`.
+
+    Sampling always starts at T-1 (`eddpm.masks.kept_timesteps` forces it in), so the reward must charge
+    the jump from T-1 to the next kept step and the model must see T-1; a pinned s_{T-1} = 1 puts T-1 in
+    every mask. The budget then holds up to this one step: sum(s) <= K_e + 1.
+    """
+    with torch.no_grad():
+        scores[-1] = 1.0
+    return scores
