@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     policy = MaskPolicy(noise_schedule.betas, cfg.mask_mode, cfg.pg_baseline, cfg.scores_lr,
-                        cfg.scores_optimizer, cfg.scores_max_grad_norm)
+                        cfg.scores_optimizer, cfg.scores_max_grad_norm, reward=cfg.pg_reward)
     T = policy.num_train_timesteps
 
     # ---- resume -------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      f"before them are in {path}. Try a lower --learning_rate or --mixed_precision bf16.")
             else:
                 nonfinite_run = 0
-                policy_stats = policy.update(all_losses, all_masks, gamma)
+                policy_stats = policy.update(all_losses, all_masks, gamma, timesteps=all_t)
                 if ema is not None:
                     ema.step(unet.parameters())
                 window["loss"].append(float(all_losses.mean()))
