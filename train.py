@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     from eddpm.training import MaskPolicy, diffusion_loss, loss_by_timestep_bucket, loss_weights
     from eddpm_scheduler import EDDPMScheduler
 
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     # ---- initialise -------------------------------------------------------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
     accelerator = Accelerator(

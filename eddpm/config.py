@@ -68,6 +68,9 @@ class TrainConfig:
     loss_weighting: str = _f("none", "C_t of the loss: none (1) or min_snr (Min-SNR-gamma, eps prediction).",
                              choices=("none", "min_snr"))
     snr_gamma: float = _f(5.0, "gamma of Min-SNR weighting.")
+    num_threads: typing.Optional[int] = _f(None, "torch CPU threads (torch.set_num_threads); None keeps torch's "
+                                           "default. The CPU presets use 1: a tiny step is not faster with more, and "
+                                           "on a shared machine the default was many times slower.")
     seed: int = _f(0, "Seed of everything: weights of tiny models, data order, masks, noise, timesteps.")
 
     # --- EDDPM: the learned step mask (eddpm-algorithm.md) -----------------------------------------------
@@ -111,7 +114,7 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, typing.Any]] = {
     # The whole job on a 2-core CPU in under 3 minutes, no downloads: bundled synthetic data, tiny models.
     "tiny": dict(
-        base_model="tiny", data_dir="data/synthetic", output_dir="outputs/tiny", resolution=64,
+        base_model="tiny", data_dir="data/synthetic", output_dir="outputs/tiny", resolution=64, num_threads=1,
         train_batch_size=8, max_train_steps=240, learning_rate=3e-4, lr_warmup_steps=20,
         checkpointing_steps=120, validation_steps=0, num_validation_images=4, logging_steps=10,
         report_to="tensorboard",
