@@ -57,8 +57,8 @@ def make_step(unet, policy, mode: str, generator: torch.Generator, batch_fn):
 
     from eddpm.training import diffusion_loss
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    ema = EMAModel(unet.parameters(), decay=0.999)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, foreach=True)  # as train.py
+    ema = EMAModel(unet.parameters(), decay=0.999, foreach=True)
     alphas_cumprod = torch.cumprod(1.0 - policy.betas, 0)  # unmasked SD1.5 alpha-bar, [T]
 
     def step():

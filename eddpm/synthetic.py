@@ -183,10 +183,14 @@ class Example:
     text: str
 
 
-def _sample_scene(rng: np.random.Generator, index: int) -> dict:
+def _sample_scene(rng: np.random.Generator, index: int, direction: str | None = None) -> dict:
     # Directions and shapes cycle with the index so that any run of 30 examples holds every
     # (shape, direction) pair (5 and 6 are coprime) and every 5 examples are direction-balanced.
-    direction = DIRECTIONS[index % len(DIRECTIONS)]
+    # A given `direction` replaces only the light: the random draws, hence the scene, stay the same.
+    if direction is None:
+        direction = DIRECTIONS[index % len(DIRECTIONS)]
+    elif direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     shape = SHAPES[index % len(SHAPES)]
     color = list(COLORS)[rng.integers(len(COLORS))]
     temperature = list(LIGHT_TINTS)[rng.integers(len(LIGHT_TINTS))]
@@ -245,10 +249,14 @@ def _background(scene: dict, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return level[:, None] * srgb_to_linear(scene["tint"])[None, :]
 
 
-def render_example(seed: int, index: int, resolution: int = 128) -> Example:
-    """Render example `index` of the set generated with `seed` at `resolution` x `resolution`."""
+def render_example(seed: int, index: int, resolution: int = 128, direction: str | None = None) -> Example:
+    """Render example `index` of the set generated with `seed` at `resolution` x `resolution`.
+
+    `direction` (one of DIRECTIONS) relights the same scene from another side: object, pose, albedo, light
+    colour and the condition image are those of example `index`; only the light and the background move.
+    """
     rng = np.random.default_rng([seed, index])
-    scene = _sample_scene(rng, index)
+    scene = _sample_scene(rng, index, direction)
     n = resolution * SUPERSAMPLE
     centres = (np.arange(n) + 0.5) / n * 2.0 - 1.0  # [-1, 1] across the image
     u = np.tile(centres, n) - scene["offset"][0]  # x grows to the right
@@ -340,11 +348,16 @@ def estimate_light_direction(rgb: np.ndarray, alpha: np.ndarray, front_threshold
 # --- writing a set ------------------------------------------------------------------------------------
 
 
-def generate(output_dir: str, num_examples: int, resolution: int = 128, seed: int = 0) -> list[dict]:
+def generate(output_dir: str, num_examples: int, resolution: int = 128, seed: int = 0,
+             all_directions: bool = False) -> list[dict]:
     """Write `num_examples` pairs and `metadata.jsonl` to `output_dir`; return the metadata rows.
 
-    Layout: target/NNNNN.png (RGB), condition/NNNNN.png (RGBA), metadata.jsonl, generation.json (the
-    arguments, so the set can be regenerated and checked). Existing files of the same names are replaced.
+    With `all_directions`, each of the `num_examples` scenes is rendered under all five lights (5 rows
+    sharing one condition image, as relighting data of one object under several lights is): the text is
+    then the only thing that tells the five targets apart.
+    Layout: target/NNNNN.png (RGB), condition/NNNNN.png (RGBA) (NNNNN_<direction>.png for the targets with
+    all_directions), metadata.jsonl, generation.json (the arguments, so the set can be regenerated and
+    checked). Existing files of the same names are replaced.
     """
     if num_examples < 1 or resolution < 16:
         raise ValueError("need num_examples >= 1 and resolution >= 16")
@@ -352,20 +365,22 @@ def generate(output_dir: str, num_examples: int, resolution: int = 128, seed: in
     os.makedirs(os.path.join(output_dir, "condition"), exist_ok=True)
     rows = []
     for index in range(num_examples):
-        example = render_example(seed, index, resolution)
-        target_name = f"target/{index:05d}.png"
         condition_name = f"condition/{index:05d}.png"
-        # Fixed PNG settings and no text chunks, so the bytes depend on the pixels only.
-        Image.fromarray(example.target).save(os.path.join(output_dir, target_name), compress_level=9)
-        Image.fromarray(example.condition).save(os.path.join(output_dir, condition_name), compress_level=9)
-        rows.append(
-            {
-                "file_name": target_name,
-                "conditioning_file_name": condition_name,
-                "text": example.text,
-                **example.meta,
-            }
-        )
+        for direction in DIRECTIONS if all_directions else (None,):
+            example = render_example(seed, index, resolution, direction)
+            target_name = f"target/{index:05d}{'_' + direction if direction else ''}.png"
+            # Fixed PNG settings and no text chunks, so the bytes depend on the pixels only.
+            Image.fromarray(example.target).save(os.path.join(output_dir, target_name), compress_level=9)
+            if direction in (None, DIRECTIONS[0]):  # the condition does not depend on the light
+                Image.fromarray(example.condition).save(os.path.join(output_dir, condition_name), compress_level=9)
+            rows.append(
+                {
+                    "file_name": target_name,
+                    "conditioning_file_name": condition_name,
+                    "text": example.text,
+                    **example.meta,
+                }
+            )
     with open(os.path.join(output_dir, "metadata.jsonl"), "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -376,6 +391,8 @@ def generate(output_dir: str, num_examples: int, resolution: int = 128, seed: in
         "resolution": resolution,
         "seed": seed,
     }
+    if all_directions:  # absent otherwise, so data/synthetic/generation.json stays as it is
+        arguments["all_directions"] = True
     with open(os.path.join(output_dir, "generation.json"), "w", encoding="utf-8", newline="\n") as f:
         f.write(json.dumps(arguments, indent=2) + "\n")
     return rows
@@ -387,8 +404,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_examples", type=int, default=50, help="number of (target, condition) pairs")
     parser.add_argument("--resolution", type=int, default=128, help="square image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="example i uses numpy default_rng([seed, i])")
+    parser.add_argument("--all_directions", action="store_true",
+                        help="render every scene under all five lights (5 rows per scene, one condition)")
     args = parser.parse_args(argv)
-    rows = generate(args.output_dir, args.num_examples, args.resolution, args.seed)
+    rows = generate(args.output_dir, args.num_examples, args.resolution, args.seed, args.all_directions)
     counts = {d: sum(r["light_direction"] == d for r in rows) for d in DIRECTIONS}
     print(f"wrote {len(rows)} examples to {args.output_dir} (directions: {counts})")
 

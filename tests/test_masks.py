@@ -738,3 +738,83 @@ def test_mask_policy_gap_reward_pins_the_start_step_and_respects_the_budget():
     want = (torch.full((1000,), 0.5, dtype=torch.float64) - 0.05 * clip * expected).clamp(0, 1)
     want[-1] = 1.0
     torch.testing.assert_close(gap.scores, want, rtol=0, atol=1e-12)
+
+
+# --- C_t: loss weightings (eddpm/training.py loss_weights) ------------------------------------------------
+
+
+def _x0_and_eps_errors(alpha_bar: torch.Tensor, seed: int = 0):
+    """Per-row squared errors of a made-up eps prediction, in eps space and in x0 space ([B] each): the
+    x0 error is computed from x_t the way a sampler reads it, independently of any SNR formula."""
+    g = torch.Generator().manual_seed(seed)
+    B = alpha_bar.numel()
+    x0, eps = torch.randn(B, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(B, 4, 3, 3, generator=g, dtype=torch.float64)
+    eps_hat = eps + 0.3 * torch.randn(B, 4, 3, 3, generator=g, dtype=torch.float64)
+    a = alpha_bar.double()[:, None, None, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    return (x0 - x0_hat).square().mean((1, 2, 3)), (eps - eps_hat).square().mean((1, 2, 3))
+
+
+def test_truncated_snr_weighting_is_the_larger_of_the_x0_and_eps_errors():
+    from eddpm.training import loss_weights
+
+    alpha_bar = torch.cumprod(1 - sd15_betas(), 0)[torch.tensor([0, 50, 200, 400, 600, 800, 950, 999])]
+    x0_err, eps_err = _x0_and_eps_errors(alpha_bar)
+    weighted = loss_weights(alpha_bar, "truncated_snr").double() * eps_err
+    torch.testing.assert_close(weighted, torch.maximum(x0_err, eps_err), rtol=1e-5, atol=0)
+    w = loss_weights(alpha_bar, "truncated_snr")
+    assert w.dtype == torch.float32 and w[0] == 1.0 and float(w[-1]) == pytest.approx(213.6, abs=0.1)  # (1 - 0.00466) / 0.00466
+
+
+def test_min_snr_and_none_weightings():
+    from eddpm.training import loss_weights
+
+    alpha_bar = torch.tensor([0.999, 0.9, 5 / 6, 0.5, 0.0047], dtype=torch.float64)
+    snr = alpha_bar / (1 - alpha_bar)
+    torch.testing.assert_close(loss_weights(alpha_bar, "min_snr", 5.0), (torch.clamp(snr, max=5.0) / snr).float())
+    assert loss_weights(alpha_bar, "min_snr", 5.0)[2:].tolist() == [1.0, 1.0, 1.0]  # SNR <= 5: weight 1
+    assert loss_weights(alpha_bar, "none").tolist() == [1.0] * 5
+    with pytest.raises(ValueError, match="unknown loss weighting 'x0'"):
+        loss_weights(alpha_bar, "x0")
+
+
+class _FixedUNet(torch.nn.Module):
+    """Stands for the UNet: returns a fixed prediction, so the loss's target is all that is tested."""
+
+    def __init__(self, prediction: torch.Tensor):
+        super().__init__()
+        self.prediction = prediction
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        from types import SimpleNamespace
+
+        assert sample.shape[1] == 8  # [x_t, clean condition]
+        return SimpleNamespace(sample=self.prediction)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_target_and_its_eps_error(prediction_type):
+    """v = sqrt(a) eps - sqrt(1-a) x0 (diffusers' DDPMScheduler.get_velocity is the reference), and eps_error
+    equals the error of the eps a sampler would read off the prediction and x_t."""
+    from diffusers import DDPMScheduler
+
+    from eddpm.training import diffusion_loss, eps_error
+
+    g = torch.Generator().manual_seed(3)
+    B = 4
+    x0, eps, pred = (torch.randn(B, 4, 5, 5, generator=g) for _ in range(3))
+    cond, embeds = torch.randn(B, 4, 5, 5, generator=g), torch.randn(B, 77, 8, generator=g)
+    t = torch.tensor([0, 300, 700, 999])
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    alpha_bar = sched.alphas_cumprod[t]
+    losses = diffusion_loss(_FixedUNet(pred), x0, cond, embeds, eps, t, alpha_bar, prediction_type=prediction_type)
+    target = eps if prediction_type == "epsilon" else sched.get_velocity(x0, eps, t)
+    torch.testing.assert_close(losses, (pred - target).square().mean((1, 2, 3)), rtol=1e-5, atol=1e-6)
+    a = alpha_bar.double()[:, None, None, None]
+    x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * eps.double()
+    implied_eps = pred.double() if prediction_type == "epsilon" else a.sqrt() * pred.double() + (1 - a).sqrt() * x_t
+    torch.testing.assert_close(eps_error(losses, alpha_bar, prediction_type).double(),
+                               (implied_eps - eps.double()).square().mean((1, 2, 3)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        diffusion_loss(_FixedUNet(pred), x0, cond, embeds, eps, t, alpha_bar, prediction_type="sample")

@@ -162,3 +162,32 @@ def test_bundled_set_is_what_the_generator_makes():
             assert stored.shape == expected.shape
             differ = np.abs(stored.astype(int) - expected.astype(int)) > 1
             assert differ.mean() < 1e-3, f"{name}: {differ.sum()} values differ from a fresh render"
+
+
+def test_a_scene_relit_from_each_side_keeps_everything_but_the_light():
+    default = synthetic.render_example(5, 7, 48)  # index 7: its own light is DIRECTIONS[2] = top
+    for direction in synthetic.DIRECTIONS:
+        ex = synthetic.render_example(5, 7, 48, direction=direction)
+        assert np.array_equal(ex.condition, default.condition), direction
+        assert ex.meta["light_direction"] == direction and ex.text.endswith(f"light from the {direction}")
+        same = {k: v for k, v in ex.meta.items() if k not in ("light_direction", "light_vector")}
+        assert same == {k: v for k, v in default.meta.items() if k not in ("light_direction", "light_vector")}
+        alpha = ex.condition[..., 3].astype(np.float64) / 255
+        assert synthetic.estimate_light_direction(ex.target, alpha) == direction
+    assert np.array_equal(synthetic.render_example(5, 7, 48, direction="top").target, default.target)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        synthetic.render_example(5, 7, 48, direction="above")
+
+
+def test_all_directions_writes_five_rows_per_scene_sharing_one_condition(tmp_path):
+    rows = synthetic.generate(str(tmp_path), num_examples=2, resolution=24, seed=1, all_directions=True)
+    assert [(r["index"], r["light_direction"]) for r in rows] == [
+        (i, d) for i in range(2) for d in synthetic.DIRECTIONS]
+    assert {r["conditioning_file_name"] for r in rows} == {"condition/00000.png", "condition/00001.png"}
+    assert len({r["file_name"] for r in rows}) == 10
+    assert sorted(p.name for p in (tmp_path / "condition").iterdir()) == ["00000.png", "00001.png"]
+    assert json.loads((tmp_path / "generation.json").read_text())["all_directions"] is True
+    for row in rows:
+        expected = synthetic.render_example(1, row["index"], 24, direction=row["light_direction"])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / row["file_name"])), expected.target)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / row["conditioning_file_name"])), expected.condition)

@@ -376,8 +376,8 @@ def test_policy_gets_every_micro_batch(small_data, cache_dir, tmp_path, monkeypa
         drawn.append({k: v.clone() for k, v in result.items()})
         return result
 
-    def record_loss(unet, latents, cond, prompt_embeds, noise, timesteps, alpha_bar_t, weights=None):
-        losses = loss(unet, latents, cond, prompt_embeds, noise, timesteps, alpha_bar_t, weights)
+    def record_loss(unet, latents, cond, prompt_embeds, noise, timesteps, alpha_bar_t, weights=None, **kw):
+        losses = loss(unet, latents, cond, prompt_embeds, noise, timesteps, alpha_bar_t, weights, **kw)
         computed.append({"losses": losses.detach().clone(), "timesteps": timesteps.clone(),
                          "alpha_bar_t": alpha_bar_t.clone()})
         return losses
@@ -410,6 +410,58 @@ def test_policy_gets_every_micro_batch(small_data, cache_dir, tmp_path, monkeypa
                                alpha_bar.gather(1, timesteps[:, None]).squeeze(1), rtol=0, atol=0)
     stats = read_stats(out)
     assert [r["keep_rate"] for r in stats] == [u["keep_fraction"] for u in updates]
+
+
+
+@pytest.mark.parametrize("reward", ["loss", "gap"])
+def test_v_prediction_and_weights_reach_loss_policy_and_scheduler(small_data, cache_dir, tmp_path, monkeypatch, reward):
+    """--prediction_type v_prediction --loss_weighting truncated_snr: the UNet learns v, the policy gets the
+    weighted loss L_b (paper's reward) or the plain eps error (gap reward), and scheduler/ says v_prediction."""
+    import eddpm.training
+    from eddpm_scheduler import EDDPMScheduler
+
+    computed, updates = [], []
+    loss, update = eddpm.training.diffusion_loss, eddpm.training.MaskPolicy.update
+
+    def record_loss(*args, **kw):
+        losses = loss(*args, **kw)
+        computed.append({"losses": losses.detach().clone(), "alpha_bar_t": args[6].clone(),
+                         "prediction_type": kw["prediction_type"]})
+        return losses
+
+    def record_update(self, losses, masks, keep_fraction, timesteps=None):
+        updates.append(losses.clone())
+        return update(self, losses, masks, keep_fraction, timesteps=timesteps)
+
+    monkeypatch.setattr(eddpm.training.MaskPolicy, "update", record_update)
+    monkeypatch.setattr(eddpm.training, "diffusion_loss", record_loss)
+    out = tmp_path / reward
+    run_train(train_args(small_data, cache_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 0,
+                         "--prediction_type", "v_prediction", "--loss_weighting", "truncated_snr",
+                         "--pg_reward", reward))
+    assert len(updates) == len(computed) == 2 and {c["prediction_type"] for c in computed} == {"v_prediction"}
+    for got, c in zip(updates, computed):
+        a = c["alpha_bar_t"].double()
+        weights = torch.clamp((1 - a) / a, min=1.0)  # max(1, 1/SNR), written out
+        expected = c["losses"].double() * (a if reward == "gap" else weights)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    assert EDDPMScheduler.from_pretrained(out, subfolder="scheduler").config.prediction_type == "v_prediction"
+
+
+
+def test_synthetic_scenes_render_a_missing_data_dir_once(cache_dir, tmp_path):
+    """--synthetic_scenes N renders N scenes x 5 lights into a data_dir without metadata.jsonl, then trains
+    on it; a second run finds the set and leaves it alone."""
+    data_dir = tmp_path / "rendered"
+    argv = train_args(data_dir, cache_dir, tmp_path / "out", "--synthetic_scenes", 2, "--max_train_steps", 1,
+                      "--checkpointing_steps", 0)
+    assert run_train(argv)["global_step"] == 1
+    rows = [json.loads(line) for line in (data_dir / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and {r["light_direction"] for r in rows[:5]} == {"left", "right", "top", "bottom", "front"}
+    assert json.loads((data_dir / "generation.json").read_text())["all_directions"] is True
+    stamp = (data_dir / "metadata.jsonl").stat().st_mtime_ns
+    run_train(argv[:argv.index("--output_dir") + 1] + [str(tmp_path / "again")] + argv[argv.index("--output_dir") + 2:])
+    assert (data_dir / "metadata.jsonl").stat().st_mtime_ns == stamp
 
 
 # --- 3. two ranks -----------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""bench/relight_accuracy.py on a 3-step tiny train.py output: the output files and their format, and the
+two reference rows, which do not depend on the model: the light-direction estimator must read the true
+targets right (it is the yardstick of the 80 % goal) and a flat-lit condition must read as no side light.
+The accuracy of a trained model is measured by the bench itself (README), not here: a 3-step model is noise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench" / "relight_accuracy.py"
+NUM = 2
+
+
+@pytest.fixture(scope="module")
+def bench_output(tmp_path_factory):
+    root = tmp_path_factory.mktemp("relight_accuracy")
+    train = [sys.executable, "train.py", "--preset", "tiny", "--output_dir", str(root / "model"), "--cache_dir",
+             str(root / "cache"), "--max_train_steps", "3", "--lr_warmup_steps", "1", "--checkpointing_steps", "0",
+             "--num_validation_images", "1", "--report_to", "none"]
+    done = subprocess.run(train, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = root / "bench"
+    command = [sys.executable, str(BENCH), "--checkpoint", str(root / "model"), "--num", str(NUM), "--dpm_steps", "3",
+               "--grid_conditions", "1", "--output_dir", str(out)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_files_and_rows(bench_output):
+    out, result = bench_output
+    rows = result["rows"]
+    assert set(rows) == {"EDDPM (learned steps)", "DPM++ 2M SDE Karras, 3 steps", "ground truth", "condition copied"}
+    for name, row in rows.items():
+        assert sum(sum(c.values()) for c in row["confusion"].values()) == 5 * NUM, name
+        assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["psnr"]), name
+    learned = result["learned_steps"]
+    assert rows["EDDPM (learned steps)"]["unet_calls_per_image"] == learned
+    assert rows["DPM++ 2M SDE Karras, 3 steps"]["unet_calls_per_image"] == 3
+    report = (out / "results.md").read_text()
+    assert result["command"].startswith("python bench/relight_accuracy.py --checkpoint")
+    assert result["command"] in report and "![relights](grid.png)" in report
+    from PIL import Image
+
+    grid = Image.open(out / "grid.png")
+    # 1 condition: label column + 4 columns (condition, target, EDDPM, DPM++) of 128 px tiles, 5 rows
+    assert grid.size == (56 + 4 * 128 + 4, 16 + 5 * 128)
+
+
+def test_reference_rows_do_not_depend_on_the_model(bench_output):
+    _, result = bench_output
+    truth, copied = result["rows"]["ground truth"], result["rows"]["condition copied"]
+    assert truth["accuracy"] == 1.0, f"the estimator misreads true targets: {truth['confusion']}"
+    # the condition is the same flat-lit image for all five requests: it reads as "front" every time
+    assert copied["confusion"] == {r: {e: NUM * (e == "front") for e in copied["confusion"][r]} for r in copied["confusion"]}
+    assert copied["accuracy"] == pytest.approx(0.2)
+    # a VAE round trip of the true target is far closer to it than the unlit condition is
+    assert truth["psnr"] > copied["psnr"] + 5
