@@ -2,7 +2,7 @@
 something: an SD-style AutoencoderKL (8x downsampling, 4 latent channels, scaling factor 0.18215) trained on
 freshly rendered synthetic relighting images.
 
-    python scripts/train_tiny_vae.py        # about 4 minutes on one CPU core; writes models/tiny/vae
+    python scripts/train_tiny_vae.py        # 14 min on one core of a shared 2-core CPU; writes models/tiny/vae
 
 - Data: `eddpm.synthetic.render_example(TRAIN_SEED, i, 128)` for i < --num_examples, a seed the bundled set
   (data/synthetic, seed 0) and bench/relight_accuracy.py (seed 1) do not use. Each example gives its target
