@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import sys
@@ -66,12 +65,6 @@ def render_under(seed: int, index: int, direction: str, resolution: int) -> tupl
     alpha = data.resize_cover(ex.condition[..., 3].astype(np.float32) / 255.0, size)
     condition = iclight.composite_on_gray(data.resize_cover(np.ascontiguousarray(ex.condition[..., :3]), size), alpha)
     return condition, data.resize_cover(ex.target, size), alpha, ex.meta
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """10 log10(255^2 / MSE) over all pixels of two uint8 images."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * math.log10(255.0**2 / max(mse, 1e-10)))
 
 
 def summarise(records: list[dict]) -> dict:
@@ -160,8 +153,8 @@ def main(argv=None) -> dict:
             roundtrip = iclight.decode_latents(relighter.vae, iclight.encode_images(relighter.vae, target))[0]
             base = {"index": i, "direction": direction, "prompt": prompt}
             records["ground truth"].append({**base, "estimated": synthetic.estimate_light_direction(target, alpha),
-                                            "psnr": psnr(roundtrip, target)})
-            records["condition copied"].append({**base, "psnr": psnr(condition, target),
+                                            "psnr": data.psnr(roundtrip, target)})
+            records["condition copied"].append({**base, "psnr": data.psnr(condition, target),
                                                 "estimated": synthetic.estimate_light_direction(condition, alpha)})
             row = [condition, target]
             for sampler in samplers:
@@ -174,7 +167,7 @@ def main(argv=None) -> dict:
                     negative_prompt="", sampler=sampler)
                 images, info = relighter.relight(condition, settings)
                 records[sampler].append({**base, "estimated": synthetic.estimate_light_direction(images[0], alpha),
-                                         "psnr": psnr(images[0], target), "unet_calls": info["unet_calls"],
+                                         "psnr": data.psnr(images[0], target), "unet_calls": info["unet_calls"],
                                          "seconds": info["seconds"]})
                 row.append(images[0])
             rows.append(row)

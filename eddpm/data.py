@@ -267,6 +267,12 @@ def _probe(path: str) -> tuple[int, int, bool]:
     return width, height, has_alpha
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """10 log10(255^2 / MSE) over all values of two uint8 images of one shape (float64; MSE floored at 1e-10)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
 def resize_cover(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Scale `image` ([H, W, 3] uint8 or [H, W] float) to cover size=(width, height), then centre-crop.
 

@@ -123,12 +123,6 @@ def latent_stats(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[torch
     return z.mean((0, 2, 3)), z.std((0, 2, 3))
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """10 log10(255^2 / MSE) over all pixels of two uint8 arrays."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * math.log10(255.0**2 / max(mse, 1e-10)))
-
-
 def heldout_images(data_dir: str, resolution: int) -> dict[str, np.ndarray]:
     """data/synthetic's targets and gray-composited conditions, resized as train.py does: uint8 [N, H, W, 3]."""
     rows, _ = data.read_metadata(data_dir)
@@ -144,7 +138,7 @@ def evaluate(vae, data_dir: str) -> dict:
         for kind, images in heldout_images(data_dir, res).items():
             latents = iclight.encode_images(vae, images)  # [N, 4, res/8, res/8], scaled
             recon = iclight.decode_latents(vae, latents)  # uint8 [N, res, res, 3]
-            out[f"psnr_{kind}_{res}"] = round(float(np.mean([psnr(a, b) for a, b in zip(images, recon)])), 2)
+            out[f"psnr_{kind}_{res}"] = round(float(np.mean([data.psnr(a, b) for a, b in zip(images, recon)])), 2)
             out[f"latent_std_{kind}_{res}"] = round(float(latents.std()), 3)
     return out
 

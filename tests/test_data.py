@@ -654,3 +654,12 @@ def test_dataloader_with_the_bucket_sampler_stacks_batches(mixed_set, tmp_path):
         77,
         EMBED_DIM,
     )
+
+
+def test_psnr_against_hand_values():
+    black, white = np.zeros((4, 5, 3), np.uint8), np.full((4, 5, 3), 255, np.uint8)
+    assert data.psnr(black, white) == pytest.approx(0.0)  # MSE = 255^2
+    assert data.psnr(black, black + 1) == pytest.approx(20 * np.log10(255.0))  # MSE = 1: 48.13 dB
+    half = black.copy()
+    half[:2] = 255  # MSE = 255^2 / 2: +3.01 dB
+    assert data.psnr(half, black) == pytest.approx(10 * np.log10(2.0))
