@@ -4,12 +4,14 @@
     python gradio_demo.py                             # SD1.5 + IC-Light fc + BriaRMBG from models/ (download_models.py)
     python gradio_demo.py --preset tiny               # tiny models built in code: CPU, no downloads
 
-The layout follows IC-Light's fc demo (fact sheet, "Demo behaviour"): foreground upload and the extracted
-foreground, prompt with quick subject and lighting lists, lighting preference, then images, seed, size,
-and advanced options; a gallery of results on the right. Every run goes through `Relighter.relight`,
-the code path relight.py and train.py's validation use. It binds to 127.0.0.1 unless --server_name,
-and --share is opt-in. Only the standard library is imported at module level (gradio, torch and the
-models load in `main`), so `python gradio_demo.py --help` is instant.
+The layout follows IC-Light's fc demo (docs/iclight-facts.md, "Demo behaviour"): foreground upload and the
+extracted foreground, prompt with quick subject and lighting lists, lighting preference, then images, seed,
+size, and advanced options; a gallery of results on the right. Every run goes through `Relighter.relight`,
+the code path relight.py and train.py's validation use. It binds to 127.0.0.1 unless --server_name, and
+--share is opt-in. Each request is bounded before any work (eddpm/relighting.py, RequestLimits: images x steps
+x megapixels, the images' megapixels, the prompts' length; defaults by device, raised by --max_work,
+--max_megapixels, --max_prompt_chars), and a refused value is named in the message. Only the standard library and eddpm/cli.py are imported at module level (gradio, torch
+and the models load in `main`), so `python gradio_demo.py --help` is instant.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from relight import add_model_args, load_models, one_line
+from eddpm.cli import add_limit_args, add_model_args, load_models, one_line
 
 TITLE = "IC-Light relighting (fc) with EDDPM learned steps"
-# IC-Light's quick lists (fact sheet, "Quick lists").
+# IC-Light's quick lists (docs/iclight-facts.md, "Quick lists").
 QUICK_SUBJECTS = ["beautiful woman, detailed face", "handsome man, detailed face"]
 QUICK_PROMPTS = [
     "sunshine from window", "neon light, city", "sunset over sea", "golden time", "sci-fi RGB glowing, cyberpunk",
@@ -34,6 +36,7 @@ MAX_UPLOAD = "64mb"  # larger uploads are refused by Gradio before they reach Py
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="IC-Light fc relighting demo with EDDPM learned steps (Gradio).")
     add_model_args(parser)
+    add_limit_args(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--server_name", default="127.0.0.1",
                        help="Interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it).")
@@ -54,21 +57,22 @@ def build_demo(relighter, matte_fn=None, notes: tuple[str, ...] = (), min_size: 
     import torch
 
     import db_examples
-    from eddpm.pipeline import (
+    from eddpm.relighting import (
         LIGHTING,
         SAMPLERS,
         RelightSettings,
+        SettingsError,
         check_settings,
-        load_image,
         prepare_foreground,
+        read_upload,
     )
 
     tiny = relighter.unet.config.block_out_channels[0] < 320  # SD1.5's UNet starts at 320 channels
     min_size = min_size or (64 if tiny else 256)
     defaults = RelightSettings()
     names = {key: name for name, key in SAMPLERS.items()}
-    sampler_choices = [(f"EDDPM ({relighter.learned_steps} learned steps)" if key == "eddpm" else name, key)
-                       for name, key in relighter.samplers.items()]
+    learned = f"{relighter.learned_steps} learned steps"
+    sampler_choices = [(name.replace("learned steps", learned), key) for name, key in relighter.samplers.items()]
 
     def user_error(message: str) -> gr.Error:
         """A message for the user; bad input is not a server fault, so no traceback in the console."""
@@ -81,21 +85,21 @@ def build_demo(relighter, matte_fn=None, notes: tuple[str, ...] = (), min_size: 
         if not path:
             raise user_error("Upload a foreground image first (an RGBA PNG keeps its alpha as the matte).")
         try:
-            image, notices = load_image(path)
+            rgb, alpha, notices = read_upload(path)
+            # raw values from the request: check_settings refuses text or None for a number, naming the field
             settings = RelightSettings(
-                prompt=prompt or "", width=_whole(image_width), height=_whole(image_height),
-                steps=_whole(steps), guidance_scale=float(cfg), seed=_whole(seed), num_images=_whole(num_samples),
-                lighting=bg_source or "None", lowres_denoise=float(lowres_denoise),
-                highres_scale=float(highres_scale), highres_denoise=float(highres_denoise),
-                added_prompt=a_prompt or "", negative_prompt=n_prompt or "",
-                sampler=sampler or relighter.default_sampler)
-            notices += check_settings(settings, relighter)
-            foreground, matte_note = prepare_foreground(image, matte_fn)
-        except (TypeError, ValueError) as err:  # TypeError: a missing number from an API call
+                prompt=_or(prompt, ""), width=_whole(image_width), height=_whole(image_height),
+                steps=_whole(steps), guidance_scale=cfg, seed=_whole(seed), num_images=_whole(num_samples),
+                lighting=_or(bg_source, "None"), lowres_denoise=lowres_denoise, highres_scale=highres_scale,
+                highres_denoise=highres_denoise, added_prompt=_or(a_prompt, ""), negative_prompt=_or(n_prompt, ""),
+                sampler=_or(sampler, relighter.default_sampler))
+            notices += check_settings(settings, relighter)  # the relighter's request limits included
+            foreground, matte_note = prepare_foreground(rgb, alpha, matte_fn)
+        except ValueError as err:  # a setting, an upload that cannot be read
             raise user_error(one_line(err)) from err
         try:
             images, info = relighter.relight(foreground, settings)
-        except ValueError as err:
+        except SettingsError as err:  # anything else is a fault of the server: it keeps its traceback
             raise user_error(one_line(err)) from err
         except torch.OutOfMemoryError as err:
             raise user_error("Out of GPU memory: try a smaller size, fewer images or a lower highres scale.") from err
@@ -130,7 +134,8 @@ def build_demo(relighter, matte_fn=None, notes: tuple[str, ...] = (), min_size: 
                 relight_button = gr.Button(value="Relight", variant="primary")
                 with gr.Group():
                     sampler = gr.Dropdown(choices=sampler_choices, value=relighter.default_sampler, label="Sampler",
-                                          info="EDDPM runs the steps it learned; the others run Steps per pass.")
+                                          info="EDDPM and Align Your Steps run their fixed steps; the others "
+                                               "run Steps per pass.")
                     with gr.Row():
                         num_samples = gr.Slider(label="Images", minimum=1, maximum=12, value=defaults.num_images, step=1)
                         seed = gr.Number(label="Seed", value=defaults.seed, precision=0, minimum=0)
@@ -144,8 +149,8 @@ def build_demo(relighter, matte_fn=None, notes: tuple[str, ...] = (), min_size: 
                     cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=defaults.guidance_scale, step=0.01)
                     lowres_denoise = gr.Slider(label="Lowres Denoise (for initial latent)", minimum=0.1, maximum=1.0,
                                                value=defaults.lowres_denoise, step=0.01)
-                    highres_scale = gr.Slider(label="Highres Scale (1 skips the highres pass)", minimum=1.0,
-                                              maximum=3.0, value=defaults.highres_scale, step=0.01)
+                    highres_scale = gr.Slider(label="Highres Scale", minimum=1.0, maximum=3.0,
+                                              value=defaults.highres_scale, step=0.01)
                     highres_denoise = gr.Slider(label="Highres Denoise", minimum=0.1, maximum=1.0,
                                                 value=defaults.highres_denoise, step=0.01)
                     a_prompt = gr.Textbox(label="Added Prompt", value=defaults.added_prompt)
@@ -157,8 +162,8 @@ def build_demo(relighter, matte_fn=None, notes: tuple[str, ...] = (), min_size: 
         inputs = [input_fg, prompt, image_width, image_height, num_samples, seed, steps, a_prompt, n_prompt, cfg,
                   highres_scale, highres_denoise, lowres_denoise, bg_source, sampler]
         # preprocess=False: Gradio would open the upload with Pillow first and answer a non-image with a
-        # developer's message; load_image names the problem instead. Gradio still checks that the file
-        # is an upload, and check_settings checks every number.
+        # developer's message; read_upload (eddpm.images.load_image) names the problem instead. Gradio
+        # still checks that the file is an upload, and check_settings checks every number.
         relight_button.click(fn=relight, inputs=inputs, outputs=[output_fg, result_gallery, run_info],
                              api_name="relight", preprocess=False)
         example_quick_prompts.click(add_quick_prompt, inputs=[example_quick_prompts, prompt], outputs=prompt,
@@ -172,8 +177,13 @@ def build_demo(relighter, matte_fn=None, notes: tuple[str, ...] = (), min_size: 
 
 
 def _whole(value):
-    """Gradio sends numbers as floats; whole ones become ints, others stay for check_settings to refuse."""
-    return int(value) if value is not None and float(value).is_integer() else value
+    """Gradio sends numbers as floats; whole ones become ints, anything else stays for check_settings to refuse."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _or(value, default):
+    """A text field's value, `default` when the request leaves it out (None or empty)."""
+    return default if value is None or value == "" else value
 
 
 def launch(demo, server_name: str = "127.0.0.1", port: int | None = None, share: bool = False,

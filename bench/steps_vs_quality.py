@@ -1,16 +1,24 @@
 """Sample quality against the number of steps: EDDPM's learned steps next to the usual samplers.
 
-Small diffusion models trained on the CPU with the project's own EDDPM code (eddpm.masks, eddpm.training,
-eddpm.rewards, EDDPMScheduler), T = 1000 with SD1.5's betas, on two data sets with held-out samples:
+Small diffusion models trained on the CPU by the project's own training step, T = 1000 with SD1.5's betas,
+on two data sets with held-out samples:
     gmm     8 Gaussians on a ring with UNEQUAL weights (0.30 .. 0.03), so that a sampler which snaps noise
             to the nearest mode shows up as an error in the mode proportions
     digits  scikit-learn's 8x8 digits scaled to [-1, 1]; a 500-image stratified held-out split
 
-Models (per training seed): `base` is trained the ordinary way (t uniform over all T steps). For every mask
-reading (paper, respaced, rescaled, and respaced-gap = respaced with the gap-aware reward of eddpm/rewards.py)
-and every K: `ft-<mode>` fine-tunes `base` with EDDPM for `finetune_fraction` of its steps (the IC-Light
-case); `scratch-<mode>` trains with EDDPM from scratch for as many steps as `base`, at the K of `scratch_ks`
-only (K = 10 by default: these runs cost 4x a fine-tune each).
+What is trained: every model runs `eddpm.training.train_step`, the step of train.py, on an MLP denoiser put
+in the UNet's call signature (`DenoiserAsUNet`: a sample [D] is a latent [D, 1, 1] next to a condition of 0
+channels, with no prompt). So each step draws one mask and one t PER SAMPLE from the policy (as train.py;
+the bench no longer shares one mask among a group of samples, and `masks_per_step` is gone), takes the
+plain eps loss, clips the gradient norm at `max_grad_norm`, steps Adam, updates s on the whole batch and
+steps diffusers' EMAModel with train.py's warm-up. `base` trains with `eddpm.policy.UniformTimesteps`
+(ordinary DDPM training: t uniform over all T steps, no mask). Every EDDPM model trains with
+`eddpm.policy.MaskPolicy` at train.py's defaults except for the mask reading and the reward: paper,
+respaced and rescaled with the paper's plain-loss reward, and respaced-gap = respaced with the gap reward
+of eddpm/rewards.py (train.py's default pair). For every reading and every K, `ft-<mode>` fine-tunes
+`base` for `finetune_fraction` of its steps (the IC-Light case); `scratch-<mode>` trains from scratch for
+as many steps as `base`, at the K of `scratch_ks` only (K = 10 by default: these runs cost 4x a fine-tune
+each).
 
 Methods, named model/sampler/steps:
     reference/ddpm-1000                DDPM over all 1000 steps on `base`
@@ -20,19 +28,23 @@ Methods, named model/sampler/steps:
     <model>/dpmpp/{learned,uniform}    respaced readings only: DPM-Solver++ over the kept steps (custom
                                        timesteps) and over K uniform steps, on the same EDDPM model
     base/dpmpp/learned-by-ft-<mode>    respaced readings only: the fine-tune's kept steps on `base`
+    base/dpmpp/ays                     DPM-Solver++ (2M) on Align Your Steps' SD1.5 steps, log-linearly
+                                       interpolated to K (eddpm/schedule_search.py ays_timesteps)
+    {base,<model>}/dpmpp/searched      DPM-Solver++ (2M) on steps searched for that frozen model
+                                       (eddpm/schedule_search.py: `search_trajectories` DDIM teacher runs of
+                                       250 steps, 51 grid points, dynamic programming); respaced readings only
+                                       for the EDDPM models. `--samplers` picks these extra rows (ays,searched).
 Metrics: gmm: sliced Wasserstein-1 (swd), MMD^2 with RBF kernels (mmd), total-variation error of the mode
 proportions (mode_err), fraction of samples farther than 4 std from every mode (off_mode); digits: Frechet
 distance in the features of a small classifier trained once with a fixed seed (fd), total-variation error
 of its class histogram (class_err). Mean and std over training seeds; a `data` row gives each metric's
 floor (held-out data against fresh or training data).
 
-Step size of s (tried on gmm, K = 10, 2 seeds, fine-tunes): SGD 0.5 (MaskPolicy's default) commits s to
-0/1 within a few dozen steps on noisy REINFORCE estimates, and can push sum(s) below K so that top-K fills
-up with tied steps next to T-1; SGD 0.1 and Adam 0.01 gave the same ranking of readings with better
-learned steps for respaced-gap. Adam (scale-free across the plain loss and the gap reward) at 0.01 is
-the default.
+Step size of s: Adam at 0.01 (MaskPolicy's and train.py's default, scale-free across the plain loss and
+the gap reward). Plain SGD at 0.5 committed s to 0/1 within a few dozen steps on noisy REINFORCE estimates
+and could push sum(s) below K, so that top-K filled up with tied steps next to T-1.
 
-    python bench/steps_vs_quality.py                       # default: about 30 min on 2 cores
+    python bench/steps_vs_quality.py                       # default: about 1 h on 2 cores (estimated)
     python bench/steps_vs_quality.py --quick --output_dir /tmp/q
     python bench/steps_vs_quality.py --datasets gmm --ks 10 --seeds 1 --modes respaced-gap --inits ft
 """
@@ -52,6 +64,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -61,14 +74,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 
 from eddpm import masks as M  # noqa: E402
-from eddpm.rewards import gap_rewards, pin_start_step_  # noqa: E402
-from eddpm.training import MaskPolicy, add_noise  # noqa: E402
-from eddpm_scheduler import EDDPMScheduler  # noqa: E402
+from eddpm.policy import MaskPolicy, UniformTimesteps  # noqa: E402
+from eddpm.schedule_search import ays_timesteps, search_schedule  # noqa: E402
+from eddpm.scheduler import EDDPMScheduler  # noqa: E402
+from eddpm.training import StepSettings, Trainee, step_seed, train_step  # noqa: E402
 
 T = 1000
 SD15 = dict(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-MODES = ("paper", "respaced", "rescaled", "respaced-gap")  # respaced-gap: respaced + eddpm.rewards.gap_rewards
+MODES = ("paper", "respaced", "rescaled", "respaced-gap")  # respaced-gap: respaced + reward "gap" (eddpm/rewards.py)
 INITS = ("ft", "scratch")
+FIXED_SCHEDULES = ("ays", "searched")  # the --samplers rows beside the learned steps (see the docstring)
 METRICS = {"gmm": ("swd", "mmd", "mode_err", "off_mode"), "digits": ("fd", "class_err")}
 REFERENCE = "reference/ddpm-1000"
 GMM_WEIGHTS = (0.30, 0.03, 0.15, 0.05, 0.20, 0.07, 0.10, 0.10)  # by angle; big next to small on purpose
@@ -88,20 +103,22 @@ class BenchConfig:
     # "ft": fine-tune the ordinary model with EDDPM (IC-Light's case); "scratch": EDDPM from initialisation.
     inits: list[str] = field(default_factory=lambda: list(INITS))
     # The K values of the from-scratch runs (each as long as the ordinary model's training, so 4x a
-    # fine-tune): by default only the goal's K = 10, which keeps the default run near 30 min on 2 cores.
+    # fine-tune): by default only the goal's K = 10, which bounds the default run.
     scratch_ks: list[int] = field(default_factory=lambda: [10])
     # Optimizer steps of the ordinary model and of each from-scratch EDDPM run, per data set.
     max_train_steps: dict[str, int] = field(default_factory=lambda: {"gmm": 2000, "digits": 2000})
     # EDDPM fine-tuning runs for this fraction of max_train_steps.
     finetune_fraction: float = 0.25
-    # Samples per optimizer step; each group of train_batch_size / masks_per_step samples shares one mask.
+    # Samples per optimizer step, each with its own mask and t (as train.py): the policy's REINFORCE step
+    # (leave-one-out baseline) averages over all of them.
     train_batch_size: int = 256
-    # Masks (policy rows) per step: REINFORCE with a leave-one-out baseline over them.
-    masks_per_step: int = 32
-    # Adam learning rate of the denoisers (constant); EMA of the weights with ema_decay is what is sampled.
+    # Adam learning rate of the denoisers (constant), and train.py's gradient-norm clip.
     learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    # What is sampled is diffusers' EMAModel of the weights, with train.py's warm-up (1 - (1 + step)^-3/4),
+    # capped at ema_decay (train.py's 0.999 would average over more steps than a fine-tune lasts).
     ema_decay: float = 0.995
-    # Step size and optimizer of the keep probabilities s (MaskPolicy; gradient norm clipped at 3).
+    # Step size and optimizer of the keep probabilities s (MaskPolicy's defaults; gradient norm clipped at 3).
     scores_lr: float = 0.01
     scores_optimizer: str = "adam"
     # Keep-rate schedule, Eq. (10): gamma = 1 until `warmup`, cubic ramp to K / T at `ramp_end`, then held
@@ -113,6 +130,10 @@ class BenchConfig:
     depth: dict[str, int] = field(default_factory=lambda: {"gmm": 3, "digits": 3})
     # Generated samples per method and seed (held-out set: gmm 4000 fresh points, digits 500 images).
     num_samples: dict[str, int] = field(default_factory=lambda: {"gmm": 4000, "digits": 1000})
+    # Fixed step schedules of the frozen models added as rows (FIXED_SCHEDULES), and the teacher
+    # trajectories of each search (one search per model serves every K).
+    samplers: list[str] = field(default_factory=lambda: list(FIXED_SCHEDULES))
+    search_trajectories: int = 256
     # Worker processes (one (data set, seed) unit each) and torch threads per worker.
     workers: int = 2
     threads: int = 1
@@ -122,7 +143,7 @@ class BenchConfig:
 PRESETS = {
     "default": {},
     "quick": dict(seeds=2, max_train_steps={"gmm": 120, "digits": 120}, train_batch_size=128,
-                  masks_per_step=16, num_samples={"gmm": 400, "digits": 300},
+                  num_samples={"gmm": 400, "digits": 300},
                   width={"gmm": 64, "digits": 128}, depth={"gmm": 2, "digits": 2}),
 }
 
@@ -296,61 +317,60 @@ def base_betas() -> torch.Tensor:
     return DDPMScheduler(**SD15).betas.double()  # [T], SD1.5's scaled-linear schedule
 
 
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, one fused call (the small MLPs make per-tensor calls costly)."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+class DenoiserAsUNet(nn.Module):
+    """A Denoiser in the UNet's call signature that `train_step` uses: model_input [B, D + 0, 1, 1] (the noisy
+    sample as a latent [D, 1, 1], then a condition of 0 channels), timesteps [B]; returns `.sample` [B, D, 1, 1].
+    The prompt embedding is ignored. It holds no parameter of its own, so its EMA is the Denoiser's."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, model_input: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states=None):
+        eps = self.denoiser(model_input.flatten(1), timesteps)  # [B, D]
+        return SimpleNamespace(sample=eps[:, :, None, None])
 
 
-def train(model: nn.Module, ema: nn.Module, data: torch.Tensor, cfg: BenchConfig, steps: int, seed: int,
-          policy: MaskPolicy | None = None, num_kept: int | None = None, reward: str = "loss") -> dict:
-    """Optimise `model` (Adam, constant lr) and its EMA for `steps` steps; with `policy`, EDDPM (Algorithm 1).
+def as_micro_batch(x0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Data [B, D] as train_step's micro-batch: latents [B, D, 1, 1], no condition, a dummy prompt."""
+    B = x0.shape[0]
+    return {"latents": x0[:, :, None, None], "cond_latents": x0.new_zeros(B, 0, 1, 1),
+            "prompt_embeds": x0.new_zeros(B, 1, 1)}
 
-    Without a policy: t uniform over all T steps, the unmasked alpha-bar. With one: each step draws
-    masks_per_step masks m ~ Bernoulli(s) with one t each (MaskPolicy.draw); each mask is shared by a group
-    of train_batch_size / masks_per_step samples, its loss is the group mean, and s takes the REINFORCE step
-    (MaskPolicy.update) on that loss, or on eddpm.rewards.gap_rewards of it, toward sum(s) <= keep_rate * T.
+
+def train(model: nn.Module, data: torch.Tensor, cfg: BenchConfig, steps: int, seed: int,
+          policy: MaskPolicy | UniformTimesteps, num_kept: int | None = None) -> nn.Module:
+    """`steps` steps of `eddpm.training.train_step` on `model` (in place); returns a copy with the EMA weights.
+
+    policy: UniformTimesteps (ordinary DDPM) or a MaskPolicy, whose s the steps update toward
+    sum(s) <= keep_rate * T with train.py's schedule (Eq. 10) from 1 down to num_kept / T.
     """
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, foreach=True)
-    betas = base_betas()
-    alphas_cumprod = M.masked_alphas_cumprod(betas, torch.ones(T), "paper")  # [T], unmasked
-    groups = cfg.masks_per_step
-    batch = (cfg.train_batch_size // groups) * groups
-    log = {}
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, foreach=True)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
+    trainee = Trainee(Accelerator(cpu=True), DenoiserAsUNet(model).train(), optimizer,
+                      torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), policy, ema,
+                      empty_prompt_embeds=torch.zeros(1, 1))
+    settings = StepSettings(caption_dropout=0.0, max_grad_norm=cfg.max_grad_norm)  # no prompts to drop
+    final_keep_rate = (num_kept or T) / T
+    data_generator, step_generator = torch.Generator().manual_seed(seed), torch.Generator()
     for step in range(steps):
-        if policy is None:
-            t = torch.randint(T, (batch,), generator=gen)
-            alpha_bar_t = alphas_cumprod[t]
-        else:
-            keep = M.keep_rate(step / steps, num_kept / T, cfg.warmup, cfg.ramp_end)
-            drawn = policy.draw(groups, gen)  # masks [G, T], timesteps [G], alpha_bar_t [G]
-            t = drawn["timesteps"].repeat_interleave(batch // groups)  # [B]
-            alpha_bar_t = drawn["alpha_bar_t"].repeat_interleave(batch // groups)
-        x0 = data[torch.randint(len(data), (batch,), generator=gen)]  # [B, D]
-        noise = torch.randn(x0.shape, generator=gen)
-        x_t = add_noise(x0[:, :, None, None], noise[:, :, None, None], alpha_bar_t).flatten(1)  # Eq. (6)
-        per_sample = (model(x_t, t) - noise).pow(2).mean(1)  # [B], plain loss, C_t = 1
-        loss = per_sample.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(ema, model, cfg.ema_decay)
-        if policy is not None:
-            per_mask = per_sample.detach().view(groups, -1).mean(1)  # [G]
-            if reward == "gap":
-                per_mask = gap_rewards(per_mask, drawn["masks"], drawn["timesteps"], betas, policy.mask_mode)
-            log = policy.update(per_mask, drawn["masks"], keep)
-            if reward == "gap":
-                pin_start_step_(policy.scores)  # the sampler starts at T-1: charge that jump too
-    return log
+        x0 = data[torch.randint(len(data), (cfg.train_batch_size,), generator=data_generator)]  # [B, D]
+        step_generator.manual_seed(step_seed(seed, 0, step))  # as train.py: re-seeded at every step
+        keep = M.keep_rate(min((step + 1) / steps, 1.0), final_keep_rate, cfg.warmup, cfg.ramp_end)
+        train_step(trainee, [as_micro_batch(x0)], step_generator, keep, settings)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    ema.copy_to(ema_model.parameters())
+    return ema_model.eval()
 
 
-def new_model(name: str, cfg: BenchConfig, seed: int) -> tuple[nn.Module, nn.Module]:
-    """A freshly initialised denoiser (seeded) and its EMA copy."""
+def new_model(name: str, cfg: BenchConfig, seed: int) -> nn.Module:
+    """A freshly initialised denoiser (seeded)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Denoiser(2 if name == "gmm" else 64, cfg.width[name], cfg.depth[name])
-    return model, copy.deepcopy(model).requires_grad_(False)
+        return Denoiser(2 if name == "gmm" else 64, cfg.width[name], cfg.depth[name])
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -394,6 +414,32 @@ def sample(model: nn.Module, scheduler, num: int, dim: int, seed: int, num_steps
     return x, nfe, time.perf_counter() - start
 
 
+def search_on(model: nn.Module, cfg: BenchConfig, dim: int, seed: int, ks: list[int]) -> dict:
+    """Searched schedules for the frozen `model` at each K (eddpm/schedule_search.py), from
+    cfg.search_trajectories teacher trajectories whose noise is not the evaluation's."""
+    def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        return model(x, torch.full((x.shape[0],), t, dtype=torch.long))
+
+    noise = torch.randn(cfg.search_trajectories, dim, generator=torch.Generator().manual_seed(20_000 + seed))
+    with torch.no_grad():
+        return search_schedule(eps_fn, noise, ks, torch.cumprod(1 - base_betas(), 0))
+
+
+def record_fixed_schedules(label: str, model: nn.Module, cfg: BenchConfig, dim: int, seed: int, record,
+                           timings: dict) -> None:
+    """The --samplers rows of one frozen model: AYS and the searched steps with DPM-Solver++ at every K."""
+    if "ays" in cfg.samplers:
+        for k in cfg.ks:
+            record(f"{label}/dpmpp/ays", k, model, scheduler_for("dpmpp"),
+                   timesteps=ays_timesteps(k, torch.cumprod(1 - base_betas(), 0)))
+    if "searched" in cfg.samplers:
+        found = search_on(model, cfg, dim, seed, list(cfg.ks))
+        first = next(iter(found.values()))
+        timings[f"search-{label}"] = first.teacher_seconds + first.cost_seconds
+        for k in cfg.ks:
+            record(f"{label}/dpmpp/searched", k, model, scheduler_for("dpmpp"), timesteps=found[k].timesteps)
+
+
 # ------------------------------------------------------------------------------------------- one unit
 
 
@@ -412,14 +458,13 @@ def run_unit(name: str, seed: int, cfg: BenchConfig, data: dict, classifier_stat
 
     steps = cfg.max_train_steps[name]
     start = time.perf_counter()
-    base, base_ema = new_model(name, cfg, seed)
-    train(base, base_ema, data["train"], cfg, steps, seed)
+    base_model = train(new_model(name, cfg, seed), data["train"], cfg, steps, seed, UniformTimesteps(base_betas()))
     timings["base"] = time.perf_counter() - start
-    base_model = base_ema.eval()
     record(REFERENCE, T, base_model, scheduler_for("ddpm"), num_steps=T)
     for k in cfg.ks:
         for kind in ("ddpm", "ddim", "dpmpp"):
             record(f"base/{kind}/uniform", k, base_model, scheduler_for(kind), num_steps=k)
+    record_fixed_schedules("base", base_model, cfg, dim, seed, record, timings)
 
     for init in cfg.inits:
         for mode in cfg.modes:
@@ -427,17 +472,17 @@ def run_unit(name: str, seed: int, cfg: BenchConfig, data: dict, classifier_stat
             for k in cfg.ks if init == "ft" else [k for k in cfg.ks if k in cfg.scratch_ks]:
                 start = time.perf_counter()
                 run_seed = 1000 * seed + 100 * INITS.index(init) + 10 * MODES.index(mode) + k
-                model, ema = new_model(name, cfg, run_seed)
-                if init == "ft":
-                    model.load_state_dict(base_model.state_dict())
-                    ema.load_state_dict(base_model.state_dict())
-                policy = MaskPolicy(base_betas(), mask_mode=mask_mode, baseline="loo", lr=cfg.scores_lr,
-                                    optimizer=cfg.scores_optimizer, max_grad_norm=3.0)
+                if init == "ft":  # from the base model's EMA weights
+                    model = copy.deepcopy(base_model).requires_grad_(True)
+                else:
+                    model = new_model(name, cfg, run_seed)
+                policy = MaskPolicy(base_betas(), mask_mode=mask_mode, lr=cfg.scores_lr,
+                                    optimizer=cfg.scores_optimizer,
+                                    reward="gap" if mode == "respaced-gap" else "loss")
                 run_steps = max(1, round(steps * cfg.finetune_fraction)) if init == "ft" else steps
-                train(model, ema, data["train"], cfg, run_steps, run_seed, policy=policy, num_kept=k,
-                      reward="gap" if mode == "respaced-gap" else "loss")
+                eddpm_model = train(model, data["train"], cfg, run_steps, run_seed, policy, num_kept=k)
                 timings[f"{init}-{mode}-K{k}"] = time.perf_counter() - start
-                eddpm_model, label = ema.eval(), f"{init}-{mode}"
+                label = f"{init}-{mode}"
                 scores = policy.scores.detach().clone()
                 learned = scheduler_for("eddpm", scores=scores.tolist(), num_kept_steps=k, mask_mode=mask_mode)
                 uniform_mask = M.mask_from_timesteps(torch.tensor(uniform_timesteps(k)), T)
@@ -458,6 +503,11 @@ def run_unit(name: str, seed: int, cfg: BenchConfig, data: dict, classifier_stat
                     if init == "ft":
                         record(f"base/dpmpp/learned-by-{label}", k, base_model, scheduler_for("dpmpp"),
                                timesteps=kept)
+                    if "searched" in cfg.samplers:
+                        found = search_on(eddpm_model, cfg, dim, seed, [k])
+                        timings[f"search-{label}-K{k}"] = found[k].teacher_seconds + found[k].cost_seconds
+                        record(f"{label}/dpmpp/searched", k, eddpm_model, scheduler_for("dpmpp"),
+                               timesteps=found[k].timesteps)
     print(f"[{name} seed {seed}] done: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), flush=True)
     return {"rows": rows, "masks": masks, "train_seconds": timings}
 
@@ -559,22 +609,23 @@ def report_markdown(payload: dict) -> str:
 
 
 def goal_check(name: str, result: dict, ks: list[str]) -> str:
-    """For each learned-step method: does it beat its uniform control and DPM-Solver++ at the same K?
+    """For each learned-step method: does it beat its uniform control and the best DPM-Solver++ schedule on the
+    base model (uniform, AYS or searched steps, whichever has the lower mean) at the same K?
 
     Methods of one seed share the starting noise, so the per-seed comparison (paired) is also given.
     """
     lines = []
     for metric in METRICS[name][:1] + (("off_mode",) if name == "gmm" else ()):
         lines += [f"### Goal check on {metric}: learned steps against uniform steps on the same model and "
-                  "base DPM-Solver++ at the same K\n",
-                  "| method | K | learned | uniform, same model | base DPM++ | beats both (means) | "
+                  "the best base DPM-Solver++ schedule (uniform, AYS, searched) at the same K\n",
+                  "| method | K | learned | uniform, same model | best base DPM++ schedule | beats both (means) | "
                   "seeds beating both |", "|---|---|---|---|---|---|---|"]
         for method, by_k in result.items():
             if not method.endswith("/learned") or method.startswith("base/"):
                 continue
             for k in ks:
                 control = result.get(method.replace("/learned", "/uniform"), {}).get(k)
-                dpmpp = result.get("base/dpmpp/uniform", {}).get(k)
+                dpmpp = best_base_schedule(result, k, metric)
                 if k not in by_k or control is None or dpmpp is None:
                     continue
                 mine, c, d = (e[metric]["mean"] for e in (by_k[k], control, dpmpp))
@@ -583,6 +634,13 @@ def goal_check(name: str, result: dict, ks: list[str]) -> str:
                              f"{'yes' if mine < min(c, d) else 'no'} | {wins}/{len(by_k[k][metric]['values'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def best_base_schedule(result: dict, k: str, metric: str) -> dict | None:
+    """The best (lowest mean `metric`) of DPM-Solver++ on `base` with uniform, AYS and searched steps at K."""
+    entries = [result.get(f"base/dpmpp/{s}", {}).get(k) for s in ("uniform", *FIXED_SCHEDULES)]
+    entries = [e for e in entries if e is not None]
+    return min(entries, key=lambda e: e[metric]["mean"]) if entries else None
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -596,7 +654,8 @@ def plot(payload: dict, path: Path) -> None:
     from matplotlib.ticker import NullFormatter
 
     colors = {"paper": "C3", "respaced": "C1", "rescaled": "C4", "respaced-gap": "C2"}
-    base_styles = {"base/ddpm/uniform": "0.6", "base/ddim/uniform": "C0", "base/dpmpp/uniform": "k"}
+    base_styles = {"base/ddpm/uniform": "0.6", "base/ddim/uniform": "C0", "base/dpmpp/uniform": "k",
+                   "base/dpmpp/ays": "C5", "base/dpmpp/searched": "C6"}
     names = list(payload["results"])
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 4.2 * len(names)), squeeze=False)
     for row, name in enumerate(names):
@@ -649,17 +708,20 @@ def parse_args(argv=None) -> tuple[BenchConfig, str, str | None]:
     parser.add_argument("--max_train_steps", type=int, help="steps of the ordinary model, every data set")
     parser.add_argument("--finetune_fraction", type=float)
     parser.add_argument("--train_batch_size", type=int)
-    parser.add_argument("--masks_per_step", type=int)
     parser.add_argument("--learning_rate", type=float)
+    parser.add_argument("--max_grad_norm", type=float)
     parser.add_argument("--scores_lr", type=float, help="step size of the keep probabilities s")
     parser.add_argument("--scores_optimizer", choices=["sgd", "adam"])
     parser.add_argument("--warmup", type=float)
     parser.add_argument("--ramp_end", type=float)
+    parser.add_argument("--samplers", help=f"comma-separated fixed schedules added as rows, from "
+                        f"{','.join(FIXED_SCHEDULES)} (empty: none)")
+    parser.add_argument("--search_trajectories", type=int, help="teacher trajectories of each schedule search")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     cfg = BenchConfig(**PRESETS["quick" if args.quick else "default"])
-    lists = {"datasets": str, "ks": int, "modes": str, "inits": str, "scratch_ks": int}
+    lists = {"datasets": str, "ks": int, "modes": str, "inits": str, "scratch_ks": int, "samplers": str}
     for key, value in vars(args).items():
         if value is None or key in ("quick", "replot"):
             continue
@@ -668,7 +730,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, str, str | None]:
         if key == "max_train_steps":
             value = {name: value for name in METRICS}
         setattr(cfg, key, value)
-    for key, allowed in (("datasets", METRICS), ("modes", MODES), ("inits", INITS)):
+    for key, allowed in (("datasets", METRICS), ("modes", MODES), ("inits", INITS), ("samplers", FIXED_SCHEDULES)):
         bad = set(getattr(cfg, key)) - set(allowed)
         if bad:
             parser.error(f"--{key}: unknown {sorted(bad)}, choose from {list(allowed)}")

@@ -1,13 +1,15 @@
 """Training-step cost of EDDPM against plain DDPM training, and of the latent cache, on this machine.
 
-Same model, data and batch for both loops; they differ only in how t and alpha-bar_t are chosen:
-  ddpm : t ~ U{0..T-1}, alpha-bar_t from the unmasked SD1.5 schedule, no mask policy;
-  eddpm: MaskPolicy.draw (masks, masked alpha-bar, t among kept steps) and MaskPolicy.update after the
-         optimizer step (score gradient, projection), as train.py does.
-Both run `eddpm.training.diffusion_loss`, backward, AdamW and an EMA step. The two loops alternate in
-blocks so that drifting machine load hits both alike; the figure is the median step time of each.
-The cache comparison times the tiny preset's step with latents read from the cache against the same
-step that decodes, mattes and VAE/CLIP-encodes its batch every time (what training without a cache does).
+Both loops run `eddpm.training.train_step`, the step of train.py, with train.py's defaults (StepSettings:
+caption dropout 0.1, plain eps loss, gradient clip 1; AdamW and EMAModel with foreach=True); same model,
+data and batch. They differ only in the policy that chooses t and alpha-bar_t:
+  ddpm : eddpm.policy.UniformTimesteps: t ~ U{0..T-1}, the unmasked SD1.5 alpha-bar, no update;
+  eddpm: eddpm.policy.MaskPolicy with train.py's defaults: draw (masks, masked alpha-bar, t among kept
+         steps) and, after the optimizer step, update (gap reward, score gradient, Adam, projection).
+The two loops alternate in blocks so that drifting machine load hits both alike; the figure is the median
+step time of each. The cache comparison times the tiny preset's EDDPM step with latents read from the
+cache against the same step that decodes, mattes and VAE/CLIP-encodes its batch every time (what training
+without a cache does).
 
     python bench/train_overhead.py [--steps 60] [--blocks 6] [--output bench/results/train_overhead.json]
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shlex
 import statistics
@@ -32,18 +35,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from eddpm_overhead import cpu_model  # noqa: E402
 
-MEDIUM_BLOCKS = (64, 128, 256)  # environment.md's "medium" UNet, about 12.5M parameters
+MEDIUM_BLOCKS = (64, 128, 256)  # a "medium" UNet, about 24M parameters
+KEEP_FRACTION = 0.1  # a keep rate partway down train.py's ramp; the step's cost barely depends on it
 
 
 def build_unet(kind: str, seed: int):
     from diffusers import UNet2DConditionModel
 
-    from eddpm import iclight
+    from eddpm.iclight import CONDITION_CHANNELS, LATENT_CHANNELS
+    from eddpm.tiny import TINY_UNET_CONFIG, build_tiny_components
 
-    tiny = iclight.build_tiny_components(seed)
     if kind == "tiny":
-        return tiny.unet
-    config = {**iclight.TINY_UNET_CONFIG, "in_channels": 8, "block_out_channels": MEDIUM_BLOCKS,
+        return build_tiny_components(seed).unet
+    config = {**TINY_UNET_CONFIG, "in_channels": LATENT_CHANNELS + CONDITION_CHANNELS,
+              "block_out_channels": MEDIUM_BLOCKS,
               "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
               "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")}
     with torch.random.fork_rng(devices=[]):
@@ -51,35 +56,29 @@ def build_unet(kind: str, seed: int):
         return UNet2DConditionModel(**config)
 
 
-def make_step(unet, policy, mode: str, generator: torch.Generator, batch_fn):
-    """One optimizer step of `mode` ('ddpm' or 'eddpm') on the batch from batch_fn(); returns a closure."""
+def make_trainee(unet, policy, empty_prompt_embeds: torch.Tensor):
+    """What train.py's step updates: AdamW and EMAModel (foreach, EMA warm-up) on `unet`, a constant LR."""
+    from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    from eddpm.training import diffusion_loss
+    from eddpm.training import Trainee
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, foreach=True)  # as train.py
-    ema = EMAModel(unet.parameters(), decay=0.999, foreach=True)
-    alphas_cumprod = torch.cumprod(1.0 - policy.betas, 0)  # unmasked SD1.5 alpha-bar, [T]
+    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=3 / 4, foreach=True)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return Trainee(Accelerator(cpu=True), unet, optimizer, lr_scheduler, policy, ema, empty_prompt_embeds)
+
+
+def make_step(trainee, seed: int, batch_fn):
+    """One call = one `train_step` on the batch from batch_fn(), its generator re-seeded per step (train.py)."""
+    from eddpm.training import StepSettings, step_seed, train_step
+
+    settings, generator, count = StepSettings(), torch.Generator(), iter(range(10**9))
 
     def step():
         batch = batch_fn()
-        B = batch["latents"].shape[0]
-        if mode == "eddpm":
-            draw = policy.draw(B, generator)
-            timesteps, alpha_bar_t = draw["timesteps"], draw["alpha_bar_t"]
-        else:
-            timesteps = torch.randint(0, policy.num_train_timesteps, (B,), generator=generator)
-            alpha_bar_t = alphas_cumprod[timesteps]
-        noise = torch.randn(batch["latents"].shape, generator=generator)
-        losses = diffusion_loss(unet, batch["latents"], batch["cond_latents"], batch["prompt_embeds"], noise,
-                                timesteps, alpha_bar_t)
-        losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if mode == "eddpm":
-            policy.update(losses.detach(), draw["masks"], keep_fraction=0.1)
-        ema.step(unet.parameters())
+        generator.manual_seed(step_seed(seed, 0, next(count)))
+        return train_step(trainee, [batch], generator, KEEP_FRACTION, settings)
 
     return step
 
@@ -95,19 +94,19 @@ def timed(step, n: int) -> list[float]:
 
 def eddpm_vs_ddpm(kind: str, dataset, args) -> dict:
     from eddpm import iclight
-    from eddpm.training import MaskPolicy
-    from eddpm_scheduler import EDDPMScheduler
+    from eddpm.policy import MaskPolicy, UniformTimesteps
+    from eddpm.scheduler import EDDPMScheduler
 
     betas = EDDPMScheduler.from_config(iclight.SD15_SCHEDULER_CONFIG).betas
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True)
     batches = [b for _, b in zip(range(4), loader)]
     unet = build_unet(kind, args.seed).train()
+    policies = {"ddpm": UniformTimesteps(betas), "eddpm": MaskPolicy(betas)}
     steps = {}
-    for mode in ("ddpm", "eddpm"):
-        policy = MaskPolicy(betas, mask_mode="respaced", baseline="loo", lr=0.5)
+    for mode, policy in policies.items():
         counter = iter(range(10**9))
-        steps[mode] = make_step(copy.deepcopy(unet), policy, mode, torch.Generator().manual_seed(args.seed),
-                                lambda c=counter: batches[next(c) % len(batches)])
+        trainee = make_trainee(copy.deepcopy(unet), policy, dataset.empty_prompt_embeds)
+        steps[mode] = make_step(trainee, args.seed, lambda c=counter: batches[next(c) % len(batches)])
         timed(steps[mode], 3)  # warm-up
     times = {"ddpm": [], "eddpm": []}
     for block in range(args.blocks):
@@ -123,9 +122,12 @@ def eddpm_vs_ddpm(kind: str, dataset, args) -> dict:
 
 def cached_vs_uncached(dataset, parts, data_dir: str, args) -> dict:
     """Steps/s of the tiny preset's step from the cache against encoding every batch from the files."""
-    from eddpm import data, iclight
-    from eddpm.training import MaskPolicy
-    from eddpm_scheduler import EDDPMScheduler
+    from eddpm import iclight
+    from eddpm.conditioning import encode_images
+    from eddpm.examples import load_example
+    from eddpm.policy import MaskPolicy
+    from eddpm.prompts import encode_prompts
+    from eddpm.scheduler import EDDPMScheduler
 
     betas = EDDPMScheduler.from_config(iclight.SD15_SCHEDULER_CONFIG).betas
     rows, buckets = dataset.rows, dataset.buckets
@@ -145,19 +147,17 @@ def cached_vs_uncached(dataset, parts, data_dir: str, args) -> dict:
     def uncached_batch():  # what each step costs without the cache: decode, matte, resize, encode
         idx = [(position[0] + i) % len(rows) for i in range(args.batch_size)]
         position[0] += args.batch_size
-        examples = [data.load_example(rows[i], data_dir, buckets[i]) for i in idx]
-        targets = torch.from_numpy(np.stack([e.target for e in examples])).permute(0, 3, 1, 2).float()
-        conditions = torch.from_numpy(np.stack([e.condition for e in examples])).permute(0, 3, 1, 2).float()
-        alpha = torch.from_numpy(np.stack([e.alpha for e in examples]))[:, None]  # [B, 1, H, W]
-        return {"latents": iclight.encode_images(parts.vae, targets),
-                "cond_latents": iclight.encode_condition(parts.vae, conditions, alpha),
-                "prompt_embeds": iclight.encode_prompts(parts.tokenizer, parts.text_encoder, [rows[i].text for i in idx])}
+        examples = [load_example(rows[i], data_dir, buckets[i]) for i in idx]
+        targets = np.stack([e.target for e in examples])  # [B, H, W, 3] uint8
+        conditions = np.stack([e.condition for e in examples])  # already composited on gray
+        return {"latents": encode_images(parts.vae, targets), "cond_latents": encode_images(parts.vae, conditions),
+                "prompt_embeds": encode_prompts(parts.tokenizer, parts.text_encoder, [rows[i].text for i in idx])}
 
     unet = parts.unet.train()
     out = {}
     for name, fn in (("cached", cached_batch), ("uncached", uncached_batch)):
-        policy = MaskPolicy(betas, mask_mode="respaced")
-        step = make_step(copy.deepcopy(unet), policy, "eddpm", torch.Generator().manual_seed(args.seed), fn)
+        trainee = make_trainee(copy.deepcopy(unet), MaskPolicy(betas), dataset.empty_prompt_embeds)
+        step = make_step(trainee, args.seed, fn)
         timed(step, 2)
         out[f"{name}_step_s"] = statistics.median(timed(step, max(6, args.steps // 4)))
     out["speedup"] = out["uncached_step_s"] / out["cached_step_s"]
@@ -175,15 +175,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default="bench/results/train_overhead.json")
     args = parser.parse_args(argv)
 
-    from eddpm import data, models
+    from eddpm import models
+    from eddpm.cache import build_latent_cache
+    from eddpm.training import StepSettings
 
     parts = models.load_components("tiny", seed=args.seed)
     results = {"command": "python bench/train_overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "batch_size": args.batch_size, "models": []}
+               "batch_size": args.batch_size, "keep_fraction": KEEP_FRACTION,
+               "step_settings": dataclasses.asdict(StepSettings()), "models": []}
     with tempfile.TemporaryDirectory() as cache:
-        datasets = {res: data.build_latent_cache(args.data_dir, cache, vae=parts.vae, text_encoder=parts.text_encoder,
-                                                 tokenizer=parts.tokenizer, resolution=res, progress=False)
+        datasets = {res: build_latent_cache(args.data_dir, cache, vae=parts.vae, text_encoder=parts.text_encoder,
+                                            tokenizer=parts.tokenizer, resolution=res, progress=False)
                     for res in (64, 128)}
         for kind in args.models.split(","):
             results["models"].append(eddpm_vs_ddpm(kind, datasets[64 if kind == "tiny" else 128], args))

@@ -1,6 +1,6 @@
 """The masking math of EDDPM (Zhang et al., ICML 2024, Algorithm 1), as pure tensor functions.
 
-Symbols (see ../shared/reference/eddpm-algorithm.md):
+Symbols (docs/eddpm-algorithm.md, "Notation"):
     T       number of diffusion steps (1000 for SD1.5), indexed t = 0 .. T-1 here
     beta_t  the noise schedule; alpha-bar_t = prod_{i<=t} (1 - beta_i)
     s       keep probabilities ("scores") in [0, 1]^T. Always probabilities, never logits.

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eddpm import iclight
+from eddpm import conditioning, iclight, tiny, weights
 
 TINY = "tiny"
 TINY_VAE_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny" / "vae"
@@ -34,7 +34,7 @@ def load_components(
 ) -> Components:
     """The four models in float32 on the CPU.
 
-    base_model 'tiny': `iclight.build_tiny_components(seed)` (with the VAE this project trained on the
+    base_model 'tiny': `tiny.build_tiny_components(seed)` (with the VAE this project trained on the
     synthetic data, models/tiny/vae, when it is there). Otherwise a diffusers SD1.5 folder or hub id,
     whose UNet is widened to 8 channels and merged with `offset_path`. `unet_path` (a train.py output's
     unet/ folder) replaces the UNet.
@@ -42,12 +42,13 @@ def load_components(
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if base_model == TINY:
-        tiny = iclight.build_tiny_components(seed)
-        vae = AutoencoderKL.from_pretrained(TINY_VAE_DIR) if (TINY_VAE_DIR / "config.json").is_file() else tiny.vae
-        unet, text_encoder, tokenizer = tiny.unet, tiny.text_encoder, tiny.tokenizer
+        parts = tiny.build_tiny_components(seed)
+        trained_vae = (TINY_VAE_DIR / "config.json").is_file()
+        vae = AutoencoderKL.from_pretrained(TINY_VAE_DIR) if trained_vae else parts.vae
+        unet, text_encoder, tokenizer = parts.unet, parts.text_encoder, parts.tokenizer
     else:
-        vae, text_encoder, tokenizer = iclight.load_base_components(base_model)
-        unet = None if unet_path else iclight.load_iclight_unet(base_model, offset_path)
+        vae, text_encoder, tokenizer = weights.load_base_components(base_model)
+        unet = None if unet_path else weights.load_iclight_unet(base_model, offset_path)
     if unet_path is not None:
         unet = UNet2DConditionModel.from_pretrained(unet_path, use_safetensors=True)
     return Components(unet=unet, vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer)
@@ -57,8 +58,8 @@ def load_base_unet(base_model: str = TINY, seed: int = 0):
     """The UNet that IC-Light offsets are measured from: the SD1.5 base (4 channels), or for 'tiny' the
     freshly built tiny UNet (so a tiny run's offsets are exactly what training changed)."""
     if base_model == TINY:
-        return iclight.build_tiny_components(seed).unet
-    return iclight.load_iclight_unet(base_model, None)
+        return tiny.build_tiny_components(seed).unet
+    return weights.load_iclight_unet(base_model, None)
 
 
 def load_matte_fn(rmbg_path: str | None, device: str | torch.device = "cpu"):
@@ -67,11 +68,11 @@ def load_matte_fn(rmbg_path: str | None, device: str | torch.device = "cpu"):
         return None
     if not os.path.isdir(rmbg_path):
         raise iclight.MissingWeightsError(f"BriaRMBG folder {rmbg_path} not found. {iclight.DOWNLOAD_HINT}")
-    from briarmbg import BriaRMBG
+    from eddpm.briarmbg import BriaRMBG
 
     rmbg = BriaRMBG.from_pretrained(rmbg_path).to(device).eval()
 
     def matte(image: np.ndarray) -> np.ndarray:
-        return iclight.extract_foreground(rmbg, image)[1]
+        return conditioning.extract_foreground(rmbg, image)[1]
 
     return matte

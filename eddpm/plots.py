@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
 
 def read_stats(path: str) -> list[dict]:
+    """The rows of a stats.jsonl; a line that is not a JSON object (a torn last line after a kill) is dropped."""
+    rows = []
     try:
-        with open(path) as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):  # RecursionError: a line of deeply nested brackets
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    rows.append(row)
     except FileNotFoundError:
-        return []
+        pass
+    return rows
+
+
+def rewrite_stats(path: str, rows: list[dict]) -> None:
+    """Replace stats.jsonl by `rows` atomically (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
 
 
 def plot_scores(scores: torch.Tensor, kept: torch.Tensor, stats: list[dict], path: str) -> None:

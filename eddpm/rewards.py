@@ -1,4 +1,4 @@
-"""A gap-aware reward for EDDPM's mask policy: an experimental variant, off unless asked for.
+"""A gap-aware reward for EDDPM's mask policy: the training default (`--pg_reward gap`); `loss` is the paper's.
 
 Why: the plain loss of Algorithm 1 at a kept step t does not depend on where the other kept steps lie, so
 REINFORCE on it (Eq. 9) has no reason to favour masks that sample well; under `respaced` it prefers the
@@ -62,15 +62,3 @@ def gap_rewards(
     alpha_bar_s = torch.where(prev >= 0, alpha_bar_s, torch.ones_like(alpha_bar_s))  # step to x_0
     num_kept = masks.to(torch.float64).sum(-1)  # [B]
     return num_kept * ddim_step_weights(alpha_bar_t, alpha_bar_s) * losses.detach().double()
-
-
-def pin_start_step_(scores: torch.Tensor) -> torch.Tensor:
-    """s_{T-1} <- 1, in place, after each policy update when training with `gap_rewards`.
-
-    Sampling always starts at T-1 (`eddpm.masks.kept_timesteps` forces it in), so the reward must charge
-    the jump from T-1 to the next kept step and the model must see T-1; a pinned s_{T-1} = 1 puts T-1 in
-    every mask. The budget then holds up to this one step: sum(s) <= K_e + 1.
-    """
-    with torch.no_grad():
-        scores[-1] = 1.0
-    return scores

@@ -70,7 +70,7 @@ LIGHT_VECTORS = {
     "front": (0.0, 0.0, 1.0),
 }
 
-CONDITION_GRAY = 127  # IC-Light composites the foreground over gray 127 (iclight-facts.md).
+CONDITION_GRAY = 127  # IC-Light's background gray (docs/iclight-facts.md, "Condition encoding")
 SUPERSAMPLE = 2  # rays per pixel along each axis
 _MARCH_STEPS = 96
 _HIT_EPS = 1e-3

@@ -6,8 +6,8 @@ freshly rendered synthetic relighting images.
 
 - Data: `eddpm.synthetic.render_example(TRAIN_SEED, i, 128)` for i < --num_examples, a seed the bundled set
   (data/synthetic, seed 0) and bench/relight_accuracy.py (seed 1) do not use. Each example gives its target
-  and its condition composited on gray 127 (fact sheet, "Condition encoding"), both at 128 px and
-  downscaled to 64 px the way the data pipeline does (`eddpm.data.resize_cover`). Batches are random
+  and its condition composited on gray 127 (docs/iclight-facts.md, "Condition encoding"), both at 128 px
+  and downscaled to 64 px the way the data pipeline does (`eddpm.images.resize_cover`). Batches are random
   --crop squares with random flips and quarter turns, mapped to the model range with IC-Light's x / 127 - 1.
 - Loss (per sample, as SD's VAE): sum |x - D(z)| + --mse_weight * sum (x - D(z))^2 over pixels, plus
   --kl_weight * KL(q(z|x) || N(0, I)) summed over latent elements; z is a posterior sample.
@@ -15,7 +15,7 @@ freshly rendered synthetic relighting images.
   exact reparameterisation), so that mode(E(x)) * 0.18215 has zero mean and unit variance per channel, as
   the diffusion model expects of SD latents, and the stored scaling factor stays SD's 0.18215.
 - Reported: the PSNR of decode(encode(x)) on data/synthetic (never trained on), computed through
-  `eddpm.iclight.encode_images` / `decode_latents`, the functions training and the demo use.
+  `eddpm.conditioning.encode_images` / `decode_latents`, the functions training and the demo use.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from eddpm import data, iclight, synthetic  # noqa: E402
+from eddpm import iclight, synthetic  # noqa: E402
+from eddpm.conditioning import composite_on_gray, decode_latents, encode_images  # noqa: E402
+from eddpm.examples import load_example  # noqa: E402
+from eddpm.images import psnr, resize_cover  # noqa: E402
+from eddpm.metadata import read_metadata  # noqa: E402
+from eddpm.tiny import TINY_VAE_CONFIG  # noqa: E402
 
 VAE_LATENT_CHANNELS = iclight.LATENT_CHANNELS
 TRAIN_SEED = 2  # render seed of the training images: data/synthetic uses 0, bench/relight_accuracy.py 1
@@ -66,10 +71,10 @@ def render_pool(seed: int, num_examples: int) -> list[torch.Tensor]:
     big, small = [], []
     for i in range(num_examples):
         ex = synthetic.render_example(seed, i, 128)
-        cond = iclight.composite_on_gray(ex.condition[..., :3], ex.condition[..., 3].astype(np.float32) / 255)
+        cond = composite_on_gray(ex.condition[..., :3], ex.condition[..., 3].astype(np.float32) / 255)
         for img in (ex.target, cond):
             big.append(img)
-            small.append(data.resize_cover(img, (64, 64)))
+            small.append(resize_cover(img, 64, 64))
     return [torch.from_numpy(np.stack(p)).permute(0, 3, 1, 2).contiguous() for p in (big, small)]
 
 
@@ -125,10 +130,10 @@ def latent_stats(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[torch
 
 def heldout_images(data_dir: str, resolution: int) -> dict[str, np.ndarray]:
     """data/synthetic's targets and gray-composited conditions, resized as train.py does: uint8 [N, H, W, 3]."""
-    rows, _ = data.read_metadata(data_dir)
-    examples = [data.load_example(r, data_dir, (resolution, resolution)) for r in rows]
+    rows, _ = read_metadata(data_dir)
+    examples = [load_example(r, data_dir, (resolution, resolution)) for r in rows]
     return {"target": np.stack([e.target for e in examples]),
-            "condition": np.stack([iclight.composite_on_gray(e.condition, e.alpha) for e in examples])}
+            "condition": np.stack([e.condition for e in examples])}  # already composited on gray
 
 
 def evaluate(vae, data_dir: str) -> dict:
@@ -136,9 +141,9 @@ def evaluate(vae, data_dir: str) -> dict:
     out = {}
     for res in (64, 128):
         for kind, images in heldout_images(data_dir, res).items():
-            latents = iclight.encode_images(vae, images)  # [N, 4, res/8, res/8], scaled
-            recon = iclight.decode_latents(vae, latents)  # uint8 [N, res, res, 3]
-            out[f"psnr_{kind}_{res}"] = round(float(np.mean([data.psnr(a, b) for a, b in zip(images, recon)])), 2)
+            latents = encode_images(vae, images)  # [N, 4, res/8, res/8], scaled
+            recon = decode_latents(vae, latents)  # uint8 [N, res, res, 3]
+            out[f"psnr_{kind}_{res}"] = round(float(np.mean([psnr(a, b) for a, b in zip(images, recon)])), 2)
             out[f"latent_std_{kind}_{res}"] = round(float(latents.std()), 3)
     return out
 
@@ -156,7 +161,7 @@ def main(argv=None) -> dict:
     print(f"rendered {args.num_examples} examples ({sum(len(p) for p in pool)} images) "
           f"in {time.perf_counter() - start:.0f} s")
     torch.manual_seed(args.seed)
-    config = {**iclight.TINY_VAE_CONFIG, "block_out_channels": tuple(args.block_out_channels),
+    config = {**TINY_VAE_CONFIG, "block_out_channels": tuple(args.block_out_channels),
               "mid_block_add_attention": args.mid_block_attention}
     vae = AutoencoderKL(**config).train()
     with torch.no_grad():  # start the posterior narrow: at log-variance 0 its noise would drown the small

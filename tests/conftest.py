@@ -18,6 +18,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_components():
     """Tiny real-class IC-Light components (8-channel UNet, VAE, CLIP); shared, so never modify them."""
-    from eddpm.iclight import build_tiny_components
+    from eddpm.tiny import build_tiny_components
 
     return build_tiny_components(seed=0)

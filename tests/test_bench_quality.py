@@ -1,11 +1,14 @@
-"""bench/steps_vs_quality.py: the output format of a tiny run, and the gap-aware reward of eddpm/rewards.py.
+"""bench/steps_vs_quality.py: its models train through eddpm.training.train_step (the step of train.py), with
+the policy it is given; the output format of a tiny run; and the gap-aware reward of eddpm/rewards.py.
 
-The bench runs are format checks only (the models are far too small to say anything about quality); the
-reward is checked against a direct DDIM step and a loop over the mask.
+The training checks record what the denoiser is fed and compare it with the forward process computed here
+from SD1.5's betas (a float64 loop); the bench run is a format check only (its models are far too small to
+say anything about quality); the reward is checked against a direct DDIM step and a loop over the mask.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -16,11 +19,103 @@ import pytest
 import torch
 
 from eddpm import masks as M
+from eddpm.policy import MaskPolicy, UniformTimesteps
 from eddpm.rewards import ddim_step_weights, gap_rewards, previous_kept_timesteps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "bench" / "steps_vs_quality.py"
-SD15_BETAS = torch.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000, dtype=torch.float64) ** 2
+sys.path.insert(0, str(BENCH.parent))
+import steps_vs_quality as bench  # noqa: E402
+
+T = 1000
+SD15_BETAS = torch.linspace(math.sqrt(0.00085), math.sqrt(0.012), T, dtype=torch.float64) ** 2
+X0 = (1.5, -1.0)  # every training sample is this point, so x_t's noise part is known exactly
+
+
+def tiny_config(batch_size: int) -> bench.BenchConfig:
+    return bench.BenchConfig(train_batch_size=batch_size, width={"gmm": 16, "digits": 16},
+                             depth={"gmm": 1, "digits": 1}, warmup=0.0, ramp_end=0.5)
+
+
+class RecordingDenoiser(bench.Denoiser):
+    """The bench's Denoiser, recording the (x_t [B, D], t [B]) of every call."""
+
+    def __init__(self):
+        super().__init__(dim=2, width=16, depth=1)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x, t):
+        self.seen.append((x.detach().clone(), t.detach().clone()))
+        return super().forward(x, t)
+
+
+def standardised_noise(model: RecordingDenoiser, alpha_bar: dict[int, float]) -> torch.Tensor:
+    """(x_t - sqrt(a_t) x_0) / sqrt(1 - a_t) of every recorded row, which must be N(0, 1) noise."""
+    x_t = torch.cat([x for x, _ in model.seen]).double()  # [N, 2]
+    t = torch.cat([t for _, t in model.seen])  # [N]
+    a = torch.tensor([alpha_bar[int(i)] for i in t], dtype=torch.float64)[:, None]  # [N, 1]
+    return (x_t - a.sqrt() * torch.tensor(X0, dtype=torch.float64)) / (1 - a).sqrt()
+
+
+def test_ddpm_baseline_sees_every_step_uniformly_at_the_unmasked_noise_level():
+    model = RecordingDenoiser()
+    data = torch.tensor([X0]).expand(10, 2)
+    bench.train(model, data, tiny_config(500), steps=4, seed=0, policy=UniformTimesteps(SD15_BETAS))
+    t = torch.cat([t for _, t in model.seen])
+    assert t.numel() == 2000, f"the model saw {t.numel()} rows, want 4 steps x 500"
+    counts = torch.bincount(t // 100, minlength=10).double()  # 10 bins of 100 steps, 200 rows expected each
+    chi2 = float(((counts - 200.0) ** 2 / 200.0).sum())
+    assert chi2 < 30.0, f"t is not uniform over 0..999: counts per 100 steps {counts.tolist()}, chi2 {chi2:.1f}"
+    assert int(t.min()) < 10 and int(t.max()) > 990, (int(t.min()), int(t.max()))
+    alpha_bar, a = {}, 1.0
+    for i in range(T):  # the unmasked cumulative product, as a loop
+        a *= 1.0 - float(SD15_BETAS[i])
+        alpha_bar[i] = a
+    z = standardised_noise(model, alpha_bar)
+    assert abs(float(z.mean())) < 0.06 and abs(float(z.std()) - 1.0) < 0.05, (float(z.mean()), float(z.std()))
+
+
+def test_eddpm_model_sees_only_kept_steps_at_their_masked_noise_level():
+    """With s fixed at a 0/1 mask (lr 0, a budget that never binds), every row keeps exactly those steps."""
+    kept = (50, 200, 600, 999)
+    policy = MaskPolicy(SD15_BETAS, mask_mode="paper", reward="loss", lr=0.0)
+    with torch.no_grad():
+        policy.scores.zero_()[list(kept)] = 1.0
+    model = RecordingDenoiser()
+    bench.train(model, torch.tensor([X0]).expand(10, 2), tiny_config(400), steps=3, seed=1, policy=policy)
+    t = torch.cat([t for _, t in model.seen])
+    assert sorted(set(t.tolist())) == list(kept), f"steps seen {sorted(set(t.tolist()))}, kept {kept}"
+    alpha_bar, a = {}, 1.0
+    for i in range(T):  # Eq. (6) as written: prod over kept i <= t of (1 - beta_i)
+        if i in kept:
+            a *= 1.0 - float(SD15_BETAS[i])
+            alpha_bar[i] = a
+    z = standardised_noise(model, alpha_bar)
+    assert abs(float(z.mean())) < 0.06 and abs(float(z.std()) - 1.0) < 0.05, (float(z.mean()), float(z.std()))
+    assert torch.equal(policy.scores[list(kept)], torch.ones(4, dtype=torch.float64)), "s moved with lr 0"
+
+
+def test_train_updates_the_scores_the_weights_and_the_ema():
+    """train() with train.py's policy (gap reward): s leaves 1 and meets the final budget with s_{T-1} = 1;
+    the denoiser moves; what it returns is a separate model holding EMA weights (neither start nor end)."""
+    policy = MaskPolicy(SD15_BETAS)
+    assert policy.reward == "gap"
+    data = bench.load_data("gmm")["train"][:256]
+    model = bench.new_model("gmm", tiny_config(64), seed=0)
+    start = copy.deepcopy(model)
+    ema_model = bench.train(model, data, tiny_config(64), steps=3, seed=0, policy=policy, num_kept=10)
+    s = policy.scores
+    assert float(s.min()) >= 0.0 and float(s.max()) <= 1.0 and float(s[-1]) == 1.0, (float(s.min()), float(s[-1]))
+    assert float(s.sum()) <= 10.0 + 1e-6, f"sum(s) = {float(s.sum())} over the final budget K = 10"
+    assert int((s < 0.999).sum()) > 900, "s barely moved from 1"
+    assert ema_model is not model
+    for name, p in model.named_parameters():
+        e, p0 = dict(ema_model.named_parameters())[name], dict(start.named_parameters())[name]
+        assert not torch.equal(p, p0), f"{name} did not change"
+        assert not torch.equal(e, p) and not torch.equal(e, p0), f"EMA of {name} equals the start or the end"
+
+
+# ----------------------------------------------------------------------------------- the bench's output
 
 
 def run_bench(output_dir: Path, *extra: str) -> dict:
@@ -46,6 +141,9 @@ def expected_methods(config: dict) -> dict[str, list[int]]:
                     methods[f"{init}-{mode}/{sampler}/{steps}"] = init_ks
             if init == "ft" and mode.startswith("respaced"):
                 methods[f"base/dpmpp/learned-by-ft-{mode}"] = ks
+            if mode.startswith("respaced") and "searched" in config["samplers"]:
+                methods[f"{init}-{mode}/dpmpp/searched"] = init_ks
+    methods.update({f"base/dpmpp/{schedule}": ks for schedule in config["samplers"]})  # ays, searched
     return methods
 
 
@@ -54,6 +152,7 @@ def check_output(output_dir: Path, payload: dict) -> None:
         assert key in payload, f"results.json lacks {key!r}; has {sorted(payload)}"
     assert payload["command"].startswith("python ") and "--quick" in payload["command"]
     config = payload["config"]
+    assert "masks_per_step" not in config, "one mask per sample now, as train.py"
     report = (output_dir / "report.md").read_text()
     assert payload["command"] in report, "report.md must quote the exact command"
     table_rows = {line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")}
@@ -81,14 +180,14 @@ def check_output(output_dir: Path, payload: dict) -> None:
 
 @pytest.mark.slow
 def test_quick_run_output_format(tmp_path):
-    """The full --quick run (both data sets, every mode, K in {5, 10, 20}, 2 seeds): about 2 minutes."""
+    """The full --quick run (both data sets, every mode, K in {5, 10, 20}, 2 seeds): a few minutes."""
     check_output(tmp_path, run_bench(tmp_path))
 
 
 def test_smoke_run_output_format(tmp_path):
-    """The smallest run: 2-D data, K = 5, one seed, one worker (well under a minute)."""
+    """The smallest run: 2-D data, K = 5, one seed, one worker, a plain-loss and a gap-reward reading."""
     payload = run_bench(tmp_path, "--datasets", "gmm", "--ks", "5", "--scratch_ks", "5", "--seeds", "1",
-                        "--workers", "1", "--max_train_steps", "40")
+                        "--workers", "1", "--max_train_steps", "12", "--modes", "paper,respaced-gap")
     assert payload["config"]["datasets"] == ["gmm"] and payload["config"]["ks"] == [5]
     check_output(tmp_path, payload)
 

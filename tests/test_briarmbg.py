@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from briarmbg import RSU, BriaRMBG
+from eddpm.briarmbg import RSU, BriaRMBG
 
 NUM_TENSORS = 798
 NUM_ELEMENTS = 44_075_702
@@ -22,7 +22,7 @@ NUM_ELEMENTS = 44_075_702
 # list), so the layout is pinned even where that file is not available.
 LAYOUT_SHA256 = "8773b40fd3f99ed98c8b617a40bfd2a01077fe4d96d893ca57d7c607b3798aa6"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# A copy of ../shared/reference/rmbg14_state_dict.json (the real RMBG-1.4 checkpoint's keys and shapes).
+# The real RMBG-1.4 checkpoint's keys and shapes (docs/iclight-facts.md, "Models and files").
 LAYOUT_JSON = REPO_ROOT / "tests" / "data" / "rmbg14_state_dict.json"
 
 # Independent description of IS-Net, used to re-derive the layout and the forward pass:
@@ -82,7 +82,7 @@ def layout_difference(got: dict, expected: dict) -> str:
 
 
 def expected_layout() -> dict[str, list[int]]:
-    """Key -> shape re-derived from the STAGES table (not from briarmbg.py)."""
+    """Key -> shape re-derived from the STAGES table (not from eddpm/briarmbg.py)."""
     shapes = {"conv_in.weight": [64, 3, 3, 3], "conv_in.bias": [64]}
 
     def rebnconv(prefix, c_in, c_out):
@@ -150,7 +150,7 @@ def test_strict_load_of_a_state_dict_with_the_rmbg14_shapes():
 
 
 # --- Independent reference forward: the RSU written recursively (level i wraps level i+1), with dilations,
-# pooling and upsampling taken from the paper's description rather than from briarmbg.py.
+# pooling and upsampling taken from the paper's description rather than from eddpm/briarmbg.py.
 
 
 def ref_rebnconv(unit, x, dilation):
@@ -305,3 +305,23 @@ def test_from_pretrained_refuses_pickled_weights(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(FileNotFoundError, match="safetensors only"):
         BriaRMBG.from_pretrained(tmp_path)
+
+
+def test_top_level_briarmbg_re_exports_the_package_class():
+    """`from briarmbg import BriaRMBG` keeps working for users; it is the package's class, not a copy."""
+    import briarmbg
+
+    assert briarmbg.BriaRMBG is BriaRMBG and briarmbg.__all__ == ["BriaRMBG"]
+
+
+def test_no_package_module_imports_the_top_level_briarmbg():
+    import ast
+
+    offenders = []
+    for path in sorted((REPO_ROOT / "eddpm").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.name}:{node.lineno}" for name in names if name == "briarmbg"]
+    assert not offenders, f"eddpm/ must import eddpm.briarmbg, not the top-level re-export: {offenders}"

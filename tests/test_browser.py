@@ -2,7 +2,7 @@
 
 `--dump-dom` gives the DOM after Gradio's frontend has run; with the <script> blocks removed (they hold
 the app config, which names every label whether or not anything rendered) the labels must be there as
-rendered elements. The screenshot must not be blank. Flags from environment.md (root needs
+rendered elements. The screenshot must not be blank. Flags that work headless (root needs
 --no-sandbox; without --virtual-time-budget the page is still empty when the shot is taken).
 
 Under CI (CI=true) a missing chromium fails the test; elsewhere it skips. To refresh the README's

@@ -1,4 +1,5 @@
-"""gradio_demo.py, relight.py and db_examples.py: the demo driven through gradio_client, the CLI end to end.
+"""gradio_demo.py, relight.py, db_examples.py and eddpm/cli.py: the demo driven through gradio_client, the
+CLI end to end. (The relighter's passes are checked in tests/test_relighting.py.)
 
 A tiny train.py output folder (config.json, unet/, scheduler/ with 4 learned steps) is built once per
 session in a second instead of training (tests/test_train.py covers what train.py writes; the `slow` test
@@ -28,7 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 # wait for each other made a 64 px relight 20x slower.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
 LEARNED_STEPS = 4
-SAMPLER_KEYS = ["eddpm", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_karras_iclight", "ddim", "euler_a"]
+SAMPLER_KEYS = ["eddpm", "eddpm_dpmpp_2m", "eddpm_ddim", "dpmpp_2m_sde_karras_iclight", "dpmpp_2m_sde_karras",
+                "ays_dpmpp_2m", "ddim", "euler_a"]
+KEPT = [999, 700, 400, 100]  # the learned steps of tiny_output_dir
+AYS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, SD1.5 (Sabour et al. 2024)
 FOREGROUND = REPO / "data" / "synthetic" / "condition" / "00001.png"  # RGBA, 128 x 128
 
 # The API of the "Relight" button, in the order of its inputs, with small fast values (64 px, 4 steps).
@@ -44,9 +48,10 @@ def free_port() -> int:
 
 
 def expected_unet_calls(sampler: str, steps: int, lighting: str, lowres: float, highres: float) -> int:
-    """Re-derived from the fact sheet: img2img passes schedule round(steps / denoise) steps and run
-    int(scheduled * denoise) of them; EDDPM schedules at most its learned steps."""
-    cap = LEARNED_STEPS if sampler == "eddpm" else 10**9
+    """Re-derived from docs/iclight-facts.md ("Demo behaviour"): img2img passes schedule
+    round(steps / denoise) steps and run int(scheduled * denoise) of them; fixed schedules (learned EDDPM
+    steps, Align Your Steps' 10) cap what is scheduled."""
+    cap = LEARNED_STEPS if sampler.startswith("eddpm") else len(AYS) if sampler == "ays_dpmpp_2m" else 10**9
     first = min(steps, cap) if lighting == "None" else int(min(round(steps / lowres), cap) * lowres)
     return first + int(min(round(steps / highres), cap) * highres)
 
@@ -54,13 +59,14 @@ def expected_unet_calls(sampler: str, steps: int, lighting: str, lowres: float, 
 @pytest.fixture(scope="session")
 def tiny_output_dir(tmp_path_factory):
     """What `train.py --preset tiny` leaves for the demo: config.json, unet/, scheduler/ (learned steps)."""
-    from eddpm.iclight import SD15_SCHEDULER_CONFIG, build_tiny_components
-    from eddpm_scheduler import EDDPMScheduler
+    from eddpm.iclight import SD15_SCHEDULER_CONFIG
+    from eddpm.scheduler import EDDPMScheduler
+    from eddpm.tiny import build_tiny_components
 
     out = tmp_path_factory.mktemp("tiny_output")
     build_tiny_components(seed=0).unet.save_pretrained(out / "unet", safe_serialization=True)
     scores = np.full(1000, 0.01)
-    scores[[999, 700, 400, 100]] = 0.9  # the kept steps
+    scores[KEPT] = 0.9  # the kept steps
     EDDPMScheduler.from_config(SD15_SCHEDULER_CONFIG, scores=scores.tolist(), num_kept_steps=LEARNED_STEPS,
                                mask_mode="respaced").save_pretrained(out / "scheduler")
     (out / "config.json").write_text(json.dumps({"base_model": "tiny", "seed": 0, "resolution": 64}))
@@ -111,29 +117,46 @@ def app_error(client, **overrides) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_gradio_demo_imports_without_heavy_modules_and_help_is_fast():
-    code = ("import json, sys, gradio_demo; "
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'torch', 'gradio', 'diffusers', 'transformers', 'numpy', 'PIL'})))")
+def imported_heavy_modules(code: str) -> list[str]:
+    code += ("; import json, sys; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'torch', 'gradio', 'diffusers', 'transformers', 'numpy', 'PIL'})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == [], f"heavy modules imported by `import gradio_demo`: {out.stdout}"
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def help_text(script: str) -> str:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "gradio_demo.py", "--help"], cwd=REPO, env=ENV, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=60)
     elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
-    assert elapsed < 3.0, f"--help took {elapsed:.1f} s"
+    assert elapsed < 3.0, f"{script} --help took {elapsed:.1f} s"
+    return " ".join(out.stdout.split())
+
+
+def test_gradio_demo_imports_without_heavy_modules_and_help_is_fast():
+    assert imported_heavy_modules("import gradio_demo") == []
+    text = help_text("gradio_demo.py")
     for flag in ("--checkpoint", "--preset", "--base_model", "--offset_path", "--rmbg_path", "--server_name",
                  "--port", "--share", "127.0.0.1"):
-        assert flag in out.stdout, f"{flag} missing from --help:\n{out.stdout}"
+        assert flag in text, f"{flag} missing from --help:\n{text}"
+
+
+def test_relight_help_is_fast_and_lists_every_sampler():
+    # The parser reads RelightSettings (eddpm.relighting): numpy, but no torch, diffusers or Pillow.
+    assert imported_heavy_modules("import relight; relight.build_parser()") == ["numpy"]
+    text = help_text("relight.py")
+    for key in SAMPLER_KEYS:
+        assert key in text, f"{key} missing from relight.py --help"
+    assert "else dpmpp_2m_sde_karras_iclight (IC-Light's demo sampler)" in text
 
 
 def test_model_flag_defaults_are_the_iclight_constants(tmp_path, monkeypatch):
     """The help text names eddpm.iclight's paths, and without --preset those are the paths loaded."""
     import gradio_demo
-    import relight
     from eddpm import iclight
+    from eddpm.cli import load_models
     from eddpm.iclight import MissingWeightsError
 
     help_text = gradio_demo.build_parser().format_help()
@@ -143,7 +166,7 @@ def test_model_flag_defaults_are_the_iclight_constants(tmp_path, monkeypatch):
     assert (args.server_name, args.port, args.share) == ("127.0.0.1", None, False)
     monkeypatch.chdir(tmp_path)  # no models/ here: the error must name the default base model folder
     with pytest.raises(MissingWeightsError, match=str(iclight.DEFAULT_BASE_DIR)):
-        relight.load_models(args)
+        load_models(args)
 
 
 def test_preset_tiny_needs_no_files_and_offers_no_eddpm():
@@ -151,7 +174,9 @@ def test_preset_tiny_needs_no_files_and_offers_no_eddpm():
 
     relighter, matte_fn, notes = gradio_demo.load_models(gradio_demo.build_parser().parse_args(["--preset", "tiny"]))
     assert matte_fn is None and relighter.eddpm_scheduler is None
-    assert relighter.default_sampler == "dpmpp_2m_sde_karras" and "eddpm" not in relighter.samplers.values()
+    # No learned steps: IC-Light's own demo sampler is the default (tests/test_relighting.py checks its config).
+    assert relighter.default_sampler == "dpmpp_2m_sde_karras_iclight"
+    assert list(relighter.samplers.values()) == [k for k in SAMPLER_KEYS if not k.startswith("eddpm")]
     assert any("No background remover" in note for note in notes), notes
 
 
@@ -171,7 +196,7 @@ def test_gradio_demo_incomplete_checkpoint_exits_with_one_line(tmp_path):
 
 
 def test_demo_layout_and_defaults(served):
-    """IC-Light's fc controls with its defaults (fact sheet, "Demo behaviour"), bound to 127.0.0.1."""
+    """IC-Light's fc controls with its defaults (docs/iclight-facts.md, "Demo behaviour"), on 127.0.0.1."""
     import gradio as gr
 
     import gradio_demo
@@ -182,7 +207,7 @@ def test_demo_layout_and_defaults(served):
     by_label = {b.label: b for b in demo.blocks.values() if getattr(b, "label", None)}
     expected = {"Image Width": 512, "Image Height": 640, "Steps": 25, "CFG Scale": 2.0, "Seed": 12345,
                 "Images": 1, "Lowres Denoise (for initial latent)": 0.9,
-                "Highres Scale (1 skips the highres pass)": 1.5, "Highres Denoise": 0.5,
+                "Highres Scale": 1.5, "Highres Denoise": 0.5,
                 "Added Prompt": "best quality",
                 "Negative Prompt": "lowres, bad anatomy, bad hands, cropped, worst quality",
                 "Lighting Preference (Initial Latent)": "None", "Sampler": "eddpm"}
@@ -194,6 +219,8 @@ def test_demo_layout_and_defaults(served):
     samplers = dict((value, name) for name, value in by_label["Sampler"].choices)
     assert list(samplers) == SAMPLER_KEYS
     assert samplers["eddpm"] == f"EDDPM ({LEARNED_STEPS} learned steps)"
+    assert samplers["eddpm_dpmpp_2m"] == f"DPM-Solver++ 2M on the {LEARNED_STEPS} learned steps"
+    assert samplers["dpmpp_2m_sde_karras"] == "DPM++ 2M SDE Karras (SD1.5 scaled_linear betas)"
     assert isinstance(by_label["Outputs"], gr.Gallery)
     assert isinstance(by_label["Extracted foreground (on gray)"], gr.Image)
     assert [s[0] for s in by_label["Lighting Quick List"].samples] == gradio_demo.QUICK_PROMPTS
@@ -201,10 +228,10 @@ def test_demo_layout_and_defaults(served):
     assert gradio_demo.add_quick_prompt(["golden time"], "man, face, sunset over sea") == "man, face, golden time"
 
 
-@pytest.mark.parametrize("sampler,lighting", [("eddpm", "None"), ("eddpm", "Right"),
-                                              ("dpmpp_2m_sde_karras", "Left"),
-                                              ("dpmpp_2m_sde_karras_iclight", "None"), ("ddim", "Top"),
-                                              ("euler_a", "Bottom")])
+@pytest.mark.parametrize("sampler,lighting", [("eddpm", "None"), ("eddpm", "Right"), ("eddpm_dpmpp_2m", "Left"),
+                                              ("eddpm_ddim", "None"), ("dpmpp_2m_sde_karras", "Left"),
+                                              ("dpmpp_2m_sde_karras_iclight", "None"), ("ays_dpmpp_2m", "Right"),
+                                              ("ddim", "Top"), ("euler_a", "Bottom")])
 def test_every_sampler_returns_images(served, sampler, lighting):
     _, client = served
     foreground, images, info = call(client, sampler=sampler, bg_source=lighting, num_samples=2)
@@ -233,11 +260,12 @@ def test_same_seed_same_images(served):
     assert not np.array_equal(first[0], other[0])
 
 
-def test_no_highres_pass_and_eddpm_step_notice(served):
+def test_highres_scale_one_runs_the_second_pass_at_the_same_size_and_eddpm_step_notice(served):
     _, client = served
     _, images, info = call(client, sampler="eddpm", highres_scale=1.0, steps=25)
     assert np.asarray(Image.open(images[0])).shape == (64, 64, 3)
-    assert f"{LEARNED_STEPS} UNet evaluations per image" in info, info
+    calls = expected_unet_calls("eddpm", 25, "None", 0.9, 0.5)  # 4 + 2: IC-Light always runs the second pass
+    assert f"{calls} UNet evaluations per image ({LEARNED_STEPS} + 2 over 2 pass(es)" in info, info
     assert f"EDDPM runs its {LEARNED_STEPS} learned steps (asked for 25)" in info, info
 
 
@@ -247,7 +275,7 @@ def test_bad_inputs_give_clear_messages(served, tmp_path):
     text_file = tmp_path / "notes.png"
     text_file.write_text("not an image")
     message = app_error(client, input_fg=text_file)
-    assert "notes.png is not an image file" in message, message
+    assert "unreadable image: notes.png" in message, message
     message = app_error(client, image_width=100)
     assert "multiples of 64" in message and "100x64" in message, message
     message = app_error(client, highres_scale=5.0)
@@ -260,7 +288,7 @@ def test_empty_prompt_is_allowed_with_a_notice(served):
     _, client = served
     _, images, info = call(client, prompt="")
     assert len(images) == 1
-    assert "The prompt is empty: only the added prompt ('best quality') is used." in info, info
+    assert "The prompt is empty: the model sees ', best quality'" in info, info
 
 
 def test_huge_and_rgb_uploads_are_downscaled_and_used_as_is(served, tmp_path):
@@ -289,7 +317,7 @@ def test_two_concurrent_requests_both_finish(served):
 
 def test_examples_come_from_bundled_data_and_fill_the_inputs(served):
     import db_examples
-    from eddpm.pipeline import LIGHTING
+    from eddpm.relighting import LIGHTING
 
     _, client = served
     rows = [json.loads(line) for line in open(db_examples.DATA_DIR / "metadata.jsonl")]
@@ -340,11 +368,11 @@ def test_relight_cli_bad_input_exits_with_one_line(tiny_output_dir, tmp_path):
     out = run_relight("--checkpoint", tiny_output_dir, "--input", tmp_path / "missing.png", "--output",
                       tmp_path / "out.png", timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"relight.py: error: input image {tmp_path / 'missing.png'} not found"]
+    assert out.stderr.strip().splitlines() == ["relight.py: error: missing file: missing.png not found"]
 
 
 @pytest.mark.parametrize("case", ["not_an_image", "size", "incomplete_checkpoint", "eddpm_without_checkpoint",
-                                  "output_extension", "no_input"])
+                                  "eddpm_ddim_without_checkpoint", "output_extension", "no_input"])
 def test_relight_cli_refuses_bad_input(case, tiny_output_dir, tmp_path, capsys):
     import relight
 
@@ -356,11 +384,13 @@ def test_relight_cli_refuses_bad_input(case, tiny_output_dir, tmp_path, capsys):
     base = ["--checkpoint", str(tiny_output_dir), "--input", str(FOREGROUND), "--output", str(tmp_path / "o.png")]
     argv, expected = {
         "not_an_image": (base[:2] + ["--input", str(text_file), "--output", str(tmp_path / "o.png")],
-                         "notes.png is not an image file"),
+                         "unreadable image: notes.png"),
         "size": (base + ["--width", "100"], "multiples of 64"),
         "incomplete_checkpoint": (["--checkpoint", str(incomplete)] + base[2:],
                                   "missing unet/config.json, unet/diffusion_pytorch_model.safetensors"),
         "eddpm_without_checkpoint": (["--preset", "tiny", "--sampler", "eddpm"] + base[2:], "needs --checkpoint"),
+        "eddpm_ddim_without_checkpoint": (["--preset", "tiny", "--sampler", "eddpm_ddim"] + base[2:],
+                                          "--sampler eddpm_ddim needs --checkpoint"),
         "output_extension": (base[:4] + ["--output", str(tmp_path / "o.txt2")], "unknown image file extension"),
         "no_input": (["--preset", "tiny"], "--input and --output are required"),
     }[case]
@@ -376,7 +406,9 @@ def test_relight_cli_empty_prompt_and_benchmark(tiny_output_dir, tmp_path, capsy
                          str(tmp_path / "o.png"), "--width", "64", "--height", "64", "--num_images", "2",
                          "--steps", "2", "--highres_scale", "1"]) == 0
     out = capsys.readouterr().out
-    assert "The prompt is empty: only the added prompt ('best quality') is used." in out
+    assert "The prompt is empty: the model sees ', best quality'" in out
+    calls = expected_unet_calls("eddpm", 2, "None", 0.9, 0.5)  # the second pass runs at scale 1 too
+    assert f"sampler eddpm: {calls} UNet calls per image (passes [2, " in out, out
     assert Image.open(tmp_path / "o-0.png").size == (64, 64) and (tmp_path / "o-1.png").is_file()
     assert relight.main(["--checkpoint", str(tiny_output_dir), "--benchmark", "--repeats", "1", "--width", "64",
                          "--height", "64", "--steps", "2"]) == 0

@@ -220,7 +220,7 @@ def test_sample_masks_rejects_bad_input(scores, batch_size, nonempty):
 
 
 def masked_alphas_cumprod_reference(betas: list[float], masks_2d: list[list[float]], mode: str):
-    """A float64 double loop (rows, then t) written from the definitions in the fact sheet."""
+    """A float64 double loop (rows, then t) written from the definitions in docs/eddpm-algorithm.md."""
     T = len(betas)
     unmasked, acc = [], 1.0
     for t in range(T):
@@ -290,7 +290,8 @@ def test_masked_alphas_cumprod_invariants():
 
 
 def test_masked_alphas_cumprod_paper_table():
-    # the fact sheet's table: mean alpha-bar_T(m) for random masks under Eq. (6) with SD1.5's betas
+    # docs/eddpm-algorithm.md, "Masked alpha-bar": mean alpha-bar_T(m) for random masks under Eq. (6),
+    # SD1.5's betas
     betas = sd15_betas()
     g = torch.Generator().manual_seed(7)
     for rate, expected in [(0.5, 0.068), (0.2, 0.34), (0.05, 0.76)]:
@@ -384,7 +385,8 @@ def test_score_gradient_matches_autograd(baseline, seed):
 
 @pytest.mark.parametrize("baseline", M.BASELINES)
 def test_score_gradient_zero_at_all_ones(baseline):
-    # fact sheet: with s = 1 every mask is all ones and the policy gradient is exactly zero
+    # docs/eddpm-algorithm.md, "Consequences of the math": with s = 1 every mask is all ones and the
+    # policy gradient is exactly zero
     losses = torch.tensor([0.1, 0.2, 0.7, 0.33], dtype=F64)
     got = M.score_gradient(losses, torch.ones(4, 5), torch.ones(5, dtype=F64), baseline=baseline)
     assert torch.equal(got, torch.zeros(5, dtype=F64)), f"baseline {baseline}: {got.tolist()}"

@@ -63,3 +63,34 @@ def test_reference_rows_do_not_depend_on_the_model(bench_output):
     assert copied["accuracy"] == pytest.approx(0.2)
     # a VAE round trip of the true target is far closer to it than the unlit condition is
     assert truth["psnr"] > copied["psnr"] + 5
+
+
+def test_step_schedules_at_equal_steps(bench_output):
+    """--steps: every sampler at each K on the same model, the fixed lists it ran, and paired differences that
+    agree with the records."""
+    out, _ = bench_output
+    model = out.parent / "model"
+    steps_out = out.parent / "steps"
+    samplers = "eddpm,eddpm_dpmpp_2m,uniform_dpmpp_2m,ays_interp_dpmpp_2m,searched_dpmpp_2m"
+    command = [sys.executable, str(BENCH), "--checkpoint", str(model), "--num", "1", "--steps", "3,10",
+               "--samplers", samplers, "--search_trajectories", "5", "--search_teacher_steps", "20",
+               "--search_grid_stride", "2", "--reference_steps", "4", "--reference_num", "1", "--output_dir",
+               str(steps_out)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    result = json.loads((steps_out / "results.json").read_text())
+    runs = {(r["sampler"], r["steps"]): r for r in result["runs"]}
+    assert runs[("uniform_dpmpp_2m", 10)]["timesteps"] == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert runs[("ays_interp_dpmpp_2m", 10)]["timesteps"] == [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+    assert len(runs[("searched_dpmpp_2m", 3)]["timesteps"]) == 3 and ("ddim", 4) in runs
+    assert result["search"]["num_trajectories"] == 5 and result["search"]["grid_points"] == 11
+    for (sampler, k), run in runs.items():
+        assert result["rows"][run["name"]]["unet_calls_per_image"] == k, (sampler, k)
+    for d in result["paired"]:
+        mine = {(x["index"], x["direction"]): x["psnr"] for x in result["records"][d["eddpm"]]}
+        theirs = {(x["index"], x["direction"]): x["psnr"] for x in result["records"][d["other"]]}
+        diffs = [mine[key] - theirs[key] for key in mine]
+        assert d["n"] == 5 and d["mean"] == pytest.approx(float(np.mean(diffs)))
+        assert d["se"] == pytest.approx(float(np.std(diffs, ddof=1) / np.sqrt(5)))
+    assert {(d["eddpm"].split(" @ ")[1], d["other"].split(" @ ")[-1]) for d in result["paired"]} >= {("3", "3")}
+    assert "PSNR differences" in (steps_out / "results.md").read_text()

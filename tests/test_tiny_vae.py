@@ -9,7 +9,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from eddpm import data, iclight
+from eddpm.conditioning import decode_latents, encode_images
+from eddpm.examples import load_example
+from eddpm.metadata import read_metadata
+from eddpm.tiny import TINY_VAE_CONFIG
 
 VAE_DIR = REPO_ROOT / "models" / "tiny" / "vae"
 # models/tiny/README.md: on all 100 images at 64 px the shipped VAE measures 28.9 dB, an untrained VAE of
@@ -34,13 +37,13 @@ def trained_vae():
 def bundled_images() -> np.ndarray:
     """Six targets and six gray-composited conditions of data/synthetic at 64 px: uint8 [12, 64, 64, 3]."""
     data_dir = str(REPO_ROOT / "data" / "synthetic")
-    rows, _ = data.read_metadata(data_dir)
-    examples = [data.load_example(r, data_dir, (64, 64)) for r in rows[:6]]
-    return np.stack([e.target for e in examples] + [iclight.composite_on_gray(e.condition, e.alpha) for e in examples])
+    rows, _ = read_metadata(data_dir)
+    examples = [load_example(r, data_dir, (64, 64)) for r in rows[:6]]
+    return np.stack([e.target for e in examples] + [e.condition for e in examples])
 
 
 def _round_trip_psnr(vae, images: np.ndarray) -> float:
-    recon = iclight.decode_latents(vae, iclight.encode_images(vae, images))
+    recon = decode_latents(vae, encode_images(vae, images))
     assert recon.shape == images.shape and recon.dtype == np.uint8
     return float(np.mean([_psnr(a, b) for a, b in zip(images, recon)]))
 
@@ -49,7 +52,7 @@ def test_sd_latent_layout(trained_vae):
     cfg = trained_vae.config
     assert cfg.latent_channels == 4 and cfg.scaling_factor == pytest.approx(0.18215, abs=0)
     for side in (64, 128):
-        latents = iclight.encode_images(trained_vae, torch.full((2, 3, side, side), 127.0))
+        latents = encode_images(trained_vae, torch.full((2, 3, side, side), 127.0))
         assert list(latents.shape) == [2, 4, side // 8, side // 8], f"{side} px -> {list(latents.shape)}"
     weights = VAE_DIR / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size < 5 * 2**20, f"{weights} is {weights.stat().st_size} bytes"
@@ -67,7 +70,7 @@ def test_reconstruction_beats_untrained_and_flat_gray(trained_vae, bundled_image
 
 
 def test_scaled_latents_have_about_unit_variance(trained_vae, bundled_images):
-    latents = iclight.encode_images(trained_vae, bundled_images).double()  # [12, 4, 8, 8], times 0.18215
+    latents = encode_images(trained_vae, bundled_images).double()  # [12, 4, 8, 8], times 0.18215
     std, mean = latents.std(dim=(0, 2, 3)), latents.mean(dim=(0, 2, 3))
     assert ((std > 0.5) & (std < 2.0)).all(), f"per-channel std {std.tolist()}"
     assert (mean.abs() < 0.6).all(), f"per-channel mean {mean.tolist()}"
@@ -88,7 +91,7 @@ def test_fold_latent_stats_is_an_exact_reparameterisation():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     torch.manual_seed(0)
-    vae = AutoencoderKL(**iclight.TINY_VAE_CONFIG).eval().double()
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).eval().double()
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     with torch.no_grad():
         before = vae.encode(x).latent_dist
