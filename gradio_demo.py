@@ -57,15 +57,8 @@ def build_demo(relighter, matte_fn=None, notes: tuple[str, ...] = (), min_size: 
     import torch
 
     import db_examples
-    from eddpm.relighting import (
-        LIGHTING,
-        SAMPLERS,
-        RelightSettings,
-        SettingsError,
-        check_settings,
-        prepare_foreground,
-        read_upload,
-    )
+    from eddpm.relighting import prepare_foreground, read_upload
+    from eddpm.settings import LIGHTING, SAMPLERS, RelightSettings, SettingsError, check_settings
 
     tiny = relighter.unet.config.block_out_channels[0] < 320  # SD1.5's UNet starts at 320 channels
     min_size = min_size or (64 if tiny else 256)

@@ -27,7 +27,7 @@ from eddpm.cli import add_limit_args, add_model_args, load_models, one_line, req
 def build_parser() -> argparse.ArgumentParser:
     import dataclasses
 
-    from eddpm.relighting import ICLIGHT_SAMPLER, LIGHTING, SAMPLERS, RelightSettings
+    from eddpm.settings import ICLIGHT_SAMPLER, LIGHTING, SAMPLERS, RelightSettings
 
     parser = argparse.ArgumentParser(
         description="Relight a foreground with IC-Light fc (the demo's code path). Bad input exits with status 2.")
@@ -69,14 +69,8 @@ def prepare(args: argparse.Namespace):
 
     from PIL import Image
 
-    from eddpm.relighting import (
-        EDDPM_SAMPLERS,
-        ICLIGHT_SAMPLER,
-        RelightSettings,
-        check_settings,
-        prepare_foreground,
-        read_upload,
-    )
+    from eddpm.relighting import prepare_foreground, read_upload
+    from eddpm.settings import EDDPM_SAMPLERS, ICLIGHT_SAMPLER, RelightSettings, check_settings
 
     if not args.benchmark and (args.input is None or args.output is None):
         raise ValueError("--input and --output are required (or use --benchmark)")
@@ -127,7 +121,7 @@ def benchmark(relighter, foreground, settings, repeats: int) -> int:
     import dataclasses
     import statistics
 
-    from eddpm.relighting import SAMPLERS
+    from eddpm.settings import SAMPLERS
 
     names = {key: name for name, key in SAMPLERS.items()}
     relighter.relight(foreground, dataclasses.replace(settings, sampler=relighter.default_sampler))  # warm-up
@@ -148,7 +142,7 @@ def benchmark(relighter, foreground, settings, repeats: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eddpm.relighting import SettingsError
+    from eddpm.settings import SettingsError
 
     args = build_parser().parse_args(argv)
     try:

@@ -11,7 +11,8 @@ schedule); then the EMA. The phases below: set up, build, resume, loop, export.
 Outputs in --output_dir: config.json (the resolved config, paths absolute), stats.jsonl, checkpoint-<step>/
 (the last --checkpoints_total_limit; safetensors and JSON only), and at the end unet/ (EMA weights, fp16 unless
 --export_fp32), scheduler/ (EDDPMScheduler with the learned s), iclight_offsets.safetensors, scores.png and
-samples/step-<step>.png.
+samples/step-<step>.png. With --lora_rank (eddpm/lora.py) also pytorch_lora_weights.safetensors and
+conv_in.safetensors, and unet/ and the offsets hold the adapters merged in.
 One stats.jsonl line per --logging_steps optimizer steps (and at the last step), means over that window:
   step, epoch, lr; loss (mean per-sample loss of the global batch, as the mask policy receives it);
   keep_rate (gamma_e of Eq. 10 at progress step / max_train_steps), budget (K_e = keep_rate * T),

@@ -270,7 +270,8 @@ def per_row_512x640(index_bytes_per_row: float) -> dict:
 def markdown(results: dict) -> str:
     lines = [f"`{results['command']}` on {results['cpu']} ({results['cores']} cores, shared with other jobs: "
              "the 1-minute load average is in each row).", "",
-             "| rows | input | cold build | start-up, built cache | cache files / row | index bytes / row | "
+             "Wall time, with the CPU time of the process in brackets (under load a process gets part of a core).",
+             "", "| rows | input | cold build | start-up, built cache | cache files / row | index bytes / row | "
              "memory held / row | peak RSS | load |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["sizes"]:
         for fmt in ("metadata.jsonl", "webdataset"):
@@ -279,8 +280,10 @@ def markdown(results: dict) -> str:
             m = r[fmt]
             rows = r["rows"]
             lines.append(
-                f"| {rows:,} | {fmt} | {1000 * m['cold']['seconds'] / rows:.2f} ms/row | {m['warm']['seconds']:.2f} s "
-                f"({1e6 * m['warm']['seconds'] / rows:.0f} us/row) | {m['disk']['files'] / rows:.5f} | "
+                f"| {rows:,} | {fmt} | {1000 * m['cold']['seconds'] / rows:.2f} ms/row "
+                f"({1000 * m['cold']['cpu_seconds'] / rows:.2f}) | {m['warm']['seconds']:.2f} s "
+                f"({m['warm']['cpu_seconds']:.2f} s), {1e6 * m['warm']['seconds'] / rows:.0f} us/row | "
+                f"{m['disk']['files'] / rows:.5f} | "
                 f"{m['disk']['bytes']['manifest'] / rows:.0f} | {m['warm']['held_bytes'] / rows:.0f} B | "
                 f"{m['warm']['peak_rss'] / 2**20:.0f} MiB (cold {m['cold']['peak_rss'] / 2**20:.0f}) | "
                 f"{m['warm']['load']:.1f} |")

@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search_grid_stride", type=int, default=5, help="every n-th teacher step is a grid point")
     p.add_argument("--reference_steps", type=int, default=0, help="also DDIM with this many steps (0: none)")
     p.add_argument("--reference_num", type=int, default=5, help="conditions the --reference_steps row relights")
+    p.add_argument("--reuse_search", default=None, help="results.json of an earlier run on the same checkpoint: take "
+                   "its searched schedules instead of searching again")
     p.add_argument("--output_dir", default="bench/results/relight_accuracy")
     return p.parse_args(argv)
 
@@ -105,6 +107,10 @@ def summarise(records: list[dict]) -> dict:
     out = {"accuracy": sum(x["estimated"] == x["direction"] for x in records) / len(records),
            "accuracy_per_direction": per_dir, "confusion": confusion,
            "psnr": float(np.mean([x["psnr"] for x in records]))}
+    to_ref = [x["psnr_to_reference"] for x in records if "psnr_to_reference" in x]
+    if to_ref:
+        out["psnr_to_reference"] = float(np.mean(to_ref))
+        out["relights_with_reference"] = len(to_ref)
     if "unet_calls" in records[0]:
         out["unet_calls_per_image"] = float(np.mean([x["unet_calls"] for x in records]))
         out["seconds_per_image"] = float(np.mean([x["seconds"] for x in records]))
@@ -173,6 +179,13 @@ def paired_markdown(result: dict) -> list[str]:
         lines.append(f"Search: {s['num_trajectories']} trajectories, teacher {s['teacher']}, {s['grid_points']} "
                      f"grid points, local step {s['local_step']}; {s['model_calls']} guided model calls on all "
                      f"trajectories, {s['teacher_seconds']:.1f} s teacher + {s['cost_seconds']:.1f} s costs.\n")
+    near = {name: row for name, row in result["rows"].items() if "psnr_to_reference" in row}
+    if near:
+        lines += ["PSNR of each sampler's image against the reference's image from the same noise (its own error; "
+                  "the DDPM posterior adds fresh noise, so it is never close):\n",
+                  "| sampler | relights | PSNR to the reference image (dB) |", "|---|---|---|"]
+        lines += [f"| {name} | {row['relights_with_reference']} | {row['psnr_to_reference']:.2f} |"
+                  for name, row in near.items()] + [""]
     if result.get("paired"):
         lines += ["PSNR differences, EDDPM minus the other, paired over the relights both made (mean +- standard "
                   "error):\n", "| K | EDDPM sampler | minus | relights | difference (dB) |", "|---|---|---|---|---|"]
@@ -218,6 +231,17 @@ def _training_alphas_cumprod(relighter):
     from eddpm.schedule_search import training_alphas_cumprod
 
     return training_alphas_cumprod(relighter.eddpm_scheduler)
+
+
+def reused_search(path: str) -> tuple[dict, dict]:
+    """The searched schedules {K: object with .timesteps} and the search's description from an earlier results.json."""
+    from types import SimpleNamespace
+
+    with open(path) as fh:
+        earlier = json.load(fh)
+    found = {r["steps"]: SimpleNamespace(timesteps=r["timesteps"]) for r in earlier["runs"]
+             if r["sampler"] == "searched_dpmpp_2m"}
+    return found, {**earlier["search"], "reused_from": path}
 
 
 def schedule_for(sampler: str, steps: int, relighter, searched: dict) -> list[int]:
@@ -285,7 +309,7 @@ def paired_differences(records: dict[str, list[dict]], runs: list[Run]) -> list[
 
 def relight_condition(relighter, args, i: int, runs: list[Run], records: dict) -> list[list[np.ndarray]]:
     """All runs on the five directions of held-out condition i; appends to `records`, returns the grid rows."""
-    from eddpm.relighting import RelightSettings
+    from eddpm.settings import RelightSettings
 
     examples = [render_under(args.condition_seed, i, d, args.resolution) for d in synthetic.DIRECTIONS]
     if any(not np.array_equal(ex[0], examples[0][0]) for ex in examples):
@@ -299,21 +323,28 @@ def relight_condition(relighter, args, i: int, runs: list[Run], records: dict) -
                                         "psnr": psnr(roundtrip, target)})
         records["condition copied"].append({**base, "psnr": psnr(condition, target),
                                             "estimated": synthetic.estimate_light_direction(condition, alpha)})
-        row = [condition, target]
+        row, made = [condition, target], {}
         for run in runs:
             if run.num is not None and i >= run.num:
                 continue
-            # The empty negative prompt and no added prompt: the captions and the dropped-caption
-            # unconditional the model was trained with (IC-Light's defaults are SD1.5 habits).
+            # Exactly the caption the model was trained with: the Relighter joins prompt and added prompt
+            # with ", " as IC-Light does, so the caption "subject, light" is split there; and the empty
+            # negative prompt, the dropped-caption unconditional (IC-Light's defaults are SD1.5 habits).
+            subject, _, light = prompt.partition(", ")
             settings = RelightSettings(
-                prompt=prompt, width=args.resolution, height=args.resolution, guidance_scale=args.guidance_scale,
+                prompt=subject, width=args.resolution, height=args.resolution, guidance_scale=args.guidance_scale,
                 steps=run.steps, seed=args.seed + 5 * i + k, highres_denoise=0.0, lighting="None",
-                added_prompt="", negative_prompt="", sampler=run.sampler)
+                added_prompt=light, negative_prompt="", sampler=run.sampler)
             images, info = relight_once(relighter, condition, settings, run)
             records[run.name].append({**base, "estimated": synthetic.estimate_light_direction(images[0], alpha),
                                       "psnr": psnr(images[0], target), "unet_calls": info["unet_calls"],
                                       "seconds": info["seconds"]})
             row.append(images[0])
+            made[run.name] = images[0]
+        reference = next((r.name for r in runs if r.num is not None and r.name in made), None)
+        for name, image in made.items():  # the sampler's error: distance to the reference's image from the same noise
+            if reference is not None and name != reference:
+                records[name][-1]["psnr_to_reference"] = psnr(image, made[reference])
         rows.append(row)
     return rows
 
@@ -328,7 +359,9 @@ def main(argv=None) -> dict:
     command = "python bench/relight_accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     relighter = load_relighter(checkpoint=args.checkpoint, device="cpu")
     searched, search_info = {}, None
-    if args.steps is not None and "searched_dpmpp_2m" in args.samplers.split(","):
+    if args.reuse_search:
+        searched, search_info = reused_search(args.reuse_search)
+    elif args.steps is not None and "searched_dpmpp_2m" in args.samplers.split(","):
         searched = search_schedules(relighter, args, sorted({int(v) for v in args.steps.split(",")}))
         search_info = next(iter(searched.values())).describe()
         print(f"searched schedules: {({k: r.timesteps for k, r in searched.items()})} "

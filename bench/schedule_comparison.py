@@ -58,17 +58,20 @@ def by_key(run: dict) -> dict[tuple[str, int], str]:
 
 
 def paired(runs: list[dict], a: tuple[str, int], b: tuple[str, int]) -> dict | None:
-    """PSNR of row a minus row b, paired over the relights both made, per seed and combined."""
+    """PSNR of row a minus row b, paired over the relights both made, per seed and combined, over the runs that
+    have both rows (the reference may be in only some); None if no run has both."""
     per_seed, pooled = [], []
     for run in runs:
         names = by_key(run)
         if a not in names or b not in names:
-            return None
+            continue
         theirs = {(x["index"], x["direction"]): x["psnr"] for x in run["records"][names[b]]}
         diff = [x["psnr"] - theirs[(x["index"], x["direction"])] for x in run["records"][names[a]]
                 if (x["index"], x["direction"]) in theirs]
         per_seed.append(float(np.mean(diff)))
         pooled += diff
+    if not per_seed:
+        return None
     mean, se = mean_se(per_seed)
     return {"a": a, "b": b, "per_seed": per_seed, "mean": mean, "se_seeds": se, "se_pooled": mean_se(pooled)[1],
             "relights": len(pooled)}
@@ -78,19 +81,24 @@ def summarise(runs: list[dict]) -> dict:
     keys = sorted({k for run in runs for k in by_key(run)}, key=lambda k: (k[1], k[0]))
     rows = {}
     for key in keys:
-        if not all(key in by_key(run) for run in runs):
-            continue
-        stats = [run["rows"][by_key(run)[key]] for run in runs]
-        rows[f"{key[0]}@{key[1]}"] = {"sampler": key[0], "steps": key[1], "name": by_key(runs[0])[key],
+        having = [run for run in runs if key in by_key(run)]
+        stats = [run["rows"][by_key(run)[key]] for run in having]
+        rows[f"{key[0]}@{key[1]}"] = {"sampler": key[0], "steps": key[1], "name": by_key(having[0])[key],
                                       "psnr": mean_se([s["psnr"] for s in stats]),
                                       "accuracy": mean_se([s["accuracy"] for s in stats]),
                                       "per_seed_psnr": [s["psnr"] for s in stats]}
-    reference = next((k for k in keys if k[0] == "ddim"), None)
+        near = [s["psnr_to_reference"] for s in stats if "psnr_to_reference" in s]
+        if near:  # the sampler's own error: PSNR to the reference's image from the same noise
+            rows[f"{key[0]}@{key[1]}"]["psnr_to_reference"] = mean_se(near) + (len(near),)
+    reference = next((k for k in keys if k[0] == "ddim"), None)  # DDIM with --reference_steps
     diffs = []
     for key in keys:
-        if key[0] not in EDDPM:
+        if key[0] in EDDPM:
+            others = [(b, key[1]) for b in BASELINES] + ([reference] if reference else [])
+        elif key[0] in BASELINES and reference:  # how far each schedule is from the reference, for the gap
+            others = [reference]
+        else:
             continue
-        others = [(b, key[1]) for b in BASELINES] + ([reference] if reference else [])
         diffs += [d for d in (paired(runs, key, other) for other in others) if d is not None]
     return {"rows": rows, "paired": diffs, "goal": goal(rows, diffs)}
 
@@ -114,6 +122,7 @@ def plot(summary: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     samplers = sorted({r["sampler"] for r in summary["rows"].values() if r["sampler"] != "ddim"})
@@ -127,6 +136,7 @@ def plot(summary: dict, path: str) -> None:
     for ax, label in zip(axes, ("PSNR vs ground truth (dB)", "direction accuracy (%)")):
         ax.set_xscale("log")
         ax.set_xticks([5, 10, 20], ["5", "10", "20"])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("K (UNet calls per image, each a CFG pair)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -146,8 +156,15 @@ def markdown(result: dict) -> str:
         per = " / ".join(f"{v:.2f}" for v in r["per_seed_psnr"])
         lines.append(f"| {r['steps']} | {r['name']} | {r['psnr'][0]:.2f} +- {r['psnr'][1]:.2f} | {per} | "
                      f"{100 * r['accuracy'][0]:.1f} +- {100 * r['accuracy'][1]:.1f} % |")
-    lines += ["", "Paired PSNR differences, EDDPM minus the other (the reference row only on its subset):\n",
-              "| K | EDDPM sampler | minus | per seed (dB) | mean +- SE over seeds | SE pooled over relights |",
+    near = [r for r in s["rows"].values() if "psnr_to_reference" in r]
+    if near:
+        lines += ["", "PSNR to the reference's image from the same noise (the sampler's own error; the runs that "
+                  "made the reference):\n", "| K | sampler | PSNR to the reference image (dB) | runs |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['steps']} | {r['name']} | {r['psnr_to_reference'][0]:.2f} | {r['psnr_to_reference'][2]} |"
+                  for r in near]
+    lines += ["", "Paired PSNR differences, the first sampler minus the second (the reference only on its subset):\n",
+              "| K | sampler | minus | per seed (dB) | mean +- SE over seeds | SE pooled over relights |",
               "|---|---|---|---|---|---|"]
     for d in s["paired"]:
         per = " / ".join(f"{v:+.2f}" for v in d["per_seed"])

@@ -113,7 +113,8 @@ class LatentDataset(torch.utils.data.Dataset):
     def load_example(self, index: int, *, matte_fn=None, degrade: str = "none") -> Example:
         """Item `index` decoded again at its bucket size (eddpm/examples.py), mirrored if it is a flipped copy."""
         scan = sources.ScanRow(int(self._number[index]), int(self._locator[index]), NO_KEY, 0, "")
-        with self.source.open_rows([scan]) as (local,):
+        with self.source.open_rows([scan]) as opened:
+            local = next(opened)
             if isinstance(local, RowProblem):
                 raise local
             ex = load_example(local.row, local.folder, self.buckets[index], matte_fn=matte_fn, degrade=degrade,
@@ -187,7 +188,8 @@ def build_latent_cache(
 ) -> LatentDataset:
     """Check the rows of `data_dir`, encode what is not cached yet into `cache_dir`, return the dataset.
 
-    data_dir: a folder or tar pattern (eddpm/sources.py, open_source), or a source object.
+    data_dir: a folder or tar pattern (eddpm/sources.py, open_source), or a source object (which carries
+        its own allow_empty_prompts and allow_outside_paths).
     model_id: identity of (vae, text_encoder, tokenizer) in the cache keys; None computes it with
         `model_fingerprint`. matte_id: identity of `matte_fn` (default: its qualified name).
     degrade: "none" or "shading" (unpaired rows only; paired conditions are never altered).

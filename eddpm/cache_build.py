@@ -29,7 +29,7 @@ from eddpm.buckets import assign_bucket
 from eddpm.examples import load_example
 from eddpm.iclight import LATENT_CHANNELS
 from eddpm.images import ImageError, probe_image
-from eddpm.manifest import Index, KeyTable, Part, as_keys, merge, same
+from eddpm.manifest import Index, KeyTable, Part, as_keys, merge, same, unchanged
 from eddpm.metadata import (
     MAX_KEPT_SKIPS,
     Row,
@@ -73,7 +73,6 @@ class CacheStats:
     opened_rows: int = 0
 
 
-
 class Build:
     """One process's share of a build: the scan, the opened rows, the encoders' queues and shard writers."""
 
@@ -96,8 +95,7 @@ class Build:
         self._shard_ok: dict[str, bool] = {}
         self.old = Index.load(self.folder, name)
         self.valid = self._validate(self.old) if self.old else None
-        self.old_tables = {kind: KeyTable(self.old.arrays[f"{kind}_key"]) for kind in ("latent", "prompt")
-                           } if self.old else {}
+        self._old_tables: dict[str, KeyTable] = {}  # made when a row is opened (a warm launch needs none)
         self.known: set[bytes] = set()  # entry keys written, queued or adopted by this process
         self.queues: dict[tuple, list] = {}  # bucket -> [(key, pixels [H, W, 3], "target" | "condition")]
         self.writers: dict[tuple, tuple] = {}  # ("latents", bucket) or ("prompts", shape) -> (writer, entries)
@@ -139,7 +137,9 @@ class Build:
         if key in self.known:
             return True
         if self.old is not None:
-            i = self.old_tables[kind].find(as_keys(key))[0]
+            if kind not in self._old_tables:
+                self._old_tables[kind] = KeyTable(self.old.arrays[f"{kind}_key"])
+            i = self._old_tables[kind].find(as_keys(key))[0]
             if i >= 0 and self.valid[f"{kind}_valid"][i]:
                 return True
         table, records, slots = self._other_manifests()[kind]
@@ -384,6 +384,8 @@ class Build:
         """Merge every process's part into the manifest (rank 0) and return it, on every process."""
         meta = {"settings": self.settings, "containers": getattr(self.source, "containers", [])}
         if world == 1:
+            if unchanged([self.part], self.old, len(self.copies), json.loads(json.dumps(meta["containers"]))):
+                return self.old
             index = merge([self.part], self.old, self.valid, meta, self.report, self._name_of, len(self.copies))
             if not same(self.old, index):
                 index.save(self.folder, self.name)
@@ -395,9 +397,11 @@ class Build:
         barrier()
         if rank == 0:
             parts = [Part.load(p) for p in paths]
-            index = merge(parts, self.old, self.valid, meta, self.report, self._name_of, len(self.copies))
-            if not same(self.old, index):
-                index.save(self.folder, self.name)
+            if not unchanged(parts, self.old, len(self.copies), json.loads(json.dumps(meta["containers"]))):
+                index = merge(parts, self.old, self.valid, meta, self.report, self._name_of, len(self.copies))
+                if not same(self.old, index):
+                    index.save(self.folder, self.name)
+            del parts
             for p in paths:
                 os.remove(p)
         barrier()

@@ -54,7 +54,8 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
 def request_limits_from(args: argparse.Namespace, device_type: str | None = None):
     """The RequestLimits of the device (`device_type`, else --device, else the first available), with the
     limit flags applied."""
-    from eddpm.relighting import default_device, request_limits
+    from eddpm.relighting import default_device
+    from eddpm.settings import request_limits
 
     device_type = device_type or (args.device.split(":")[0] if args.device else default_device().type)
     return request_limits(device_type, **{name: getattr(args, name, None)

@@ -60,7 +60,8 @@ def validate(cfg, accelerator, unet, parts, dataset, scheduler, step: int) -> st
     `unet` is the unwrapped training UNet holding the weights to show (swap the EMA in first)."""
     from PIL import Image
 
-    from eddpm.relighting import Relighter, RelightSettings
+    from eddpm.relighting import Relighter
+    from eddpm.settings import RelightSettings
 
     device = accelerator.device
     parts.vae.to(device), parts.text_encoder.to(device)

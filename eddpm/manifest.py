@@ -32,13 +32,14 @@ NO_KEY = bytes(16)
 
 def as_keys(raw) -> np.ndarray:
     """16-byte keys (bytes joined, or uint8 [N, 16]) as a numpy "S16" vector, comparable and sortable."""
-    data = raw if isinstance(raw, (bytes, bytearray)) else np.ascontiguousarray(raw, dtype=np.uint8).tobytes()
-    return np.frombuffer(bytes(data), dtype="S16")
+    if isinstance(raw, (bytes, bytearray)):
+        return np.frombuffer(bytes(raw), dtype="S16")
+    return np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 16).view("S16").ravel()  # a view, no copy
 
 
 def key_bytes(keys: np.ndarray) -> np.ndarray:
     """The inverse of as_keys: uint8 [N, 16]."""
-    return np.frombuffer(np.ascontiguousarray(keys, dtype="S16").tobytes(), dtype=np.uint8).reshape(-1, 16)
+    return np.ascontiguousarray(keys, dtype="S16").view(np.uint8).reshape(-1, 16)
 
 
 class KeyTable:
@@ -257,9 +258,10 @@ def merge(parts: list[Part], old: Index | None, valid: dict | None, meta: dict, 
             if s[0] in dropped:
                 counts[s[2]] -= 1
         skips = [s for s in skips if s[0] not in dropped] + dup_skips
-    keep = ~np.isin(rows["number"], np.fromiter(dropped, np.int32, len(dropped)))
-    order = np.lexsort((rows["flipped"][keep], rows["number"][keep]))
-    rows = {k: v[keep][order] for k, v in rows.items()}
+    kept = np.flatnonzero(~np.isin(rows["number"], np.fromiter(dropped, np.int32, len(dropped))))
+    kept = kept[np.lexsort((rows["flipped"][kept], rows["number"][kept]))]
+    rows = {k: v[kept] for k, v in rows.items()}
+    del blocks, kept
 
     records: dict[str, dict] = {}
     arrays = {k: rows[k] for k in ("number", "locator", "flipped", "bucket")}
@@ -284,6 +286,25 @@ def merge(parts: list[Part], old: Index | None, valid: dict | None, meta: dict, 
             "counts": {k: n for k, n in sorted(counts.items()) if n > 0},
             "rows": int(len(np.unique(arrays["number"])))}
     return Index(json.loads(json.dumps(meta)), arrays)  # JSON types, as a loaded one has
+
+
+def unchanged(parts: list[Part], old: Index | None, copies: int, containers: list) -> bool:
+    """True when the parts only found the manifest's rows again, with the same numbers, locators, skips
+    and containers: the manifest stands as it is (no merge, no rewrite)."""
+    if old is None or containers != old.meta.get("containers", []) or any(
+            p.row_keys["row_key"] or p.entries["latent"]["key"] or p.entries["prompt"]["key"] for p in parts):
+        return False
+    reused = [p.blocks("reused") for p in parts]
+    numbers = np.concatenate([r["number"] for r in reused])
+    order = np.argsort(numbers, kind="stable")
+    first = np.arange(0, len(old), copies)  # the first copy of every manifest row
+    a = old.arrays
+    skips = sorted(([n, name, kind, detail, key] for p in parts for n, name, kind, detail, key in p.skips),
+                   key=lambda s: s[0])
+    return (len(numbers) == len(first) and np.array_equal(np.concatenate([r["old"] for r in reused])[order], first)
+            and np.array_equal(numbers[order], a["number"][first])
+            and np.array_equal(np.concatenate([r["locator"] for r in reused])[order], a["locator"][first])
+            and skips == old.meta["skips"])
 
 
 def same(a: Index | None, b: Index) -> bool:

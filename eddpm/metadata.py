@@ -343,13 +343,14 @@ def _inside(data_dir: str, path: str, real_dirs: dict | None = None) -> bool:
         return os.path.commonpath([root, os.path.realpath(path)]) == root
     # the same answer with each folder's realpath computed once per scan (scan_metadata): realpath(folder/name)
     # is realpath(folder)/name unless name itself is a link
-    root = real_dirs.get(data_dir) or real_dirs.setdefault(data_dir, os.path.realpath(data_dir))
-    folder, name = os.path.split(path)
-    if name in ("", ".", "..") or os.path.islink(path):
+    root = real_dirs.get(data_dir) or real_dirs.setdefault(data_dir, os.path.realpath(data_dir).rstrip(os.sep))
+    folder, _, name = path.rpartition(os.sep)
+    if not folder or name in ("", ".", "..") or os.path.islink(path):
         real = os.path.realpath(path)
     else:
-        real = os.path.join(real_dirs.get(folder) or real_dirs.setdefault(folder, os.path.realpath(folder)), name)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+        real = (real_dirs.get(folder) or real_dirs.setdefault(folder, os.path.realpath(folder).rstrip(os.sep))
+                ) + os.sep + name
+    return real == root or real.startswith(root + os.sep)
 
 
 def dataset_path(data_dir: str, name: str, key: str = "file_name", *, allow_outside_paths: bool = False,

@@ -7,9 +7,9 @@ Each source gives eddpm/cache.py the same three things (data/README.md, "Inputs"
   table file from that file's size and modification time and the row's position in it. `known` holds the
   last build's containers (tar or table files: name -> size, mtime, rows), so an unchanged one is not even
   opened. Problems found while scanning (bad JSON lines) come as ScanProblem.
-- `open_rows(rows)`: each row as a metadata Row whose files lie in a folder, ready for
-  eddpm/examples.py's load_example (tar members and table cells are first written to a temporary folder,
-  under their member names), or the RowProblem that skips it.
+- `open_rows(rows)`: each row, one at a time, as a metadata Row whose files lie in a folder, ready for
+  eddpm/examples.py's load_example (a tar's members or a table's cells are written to a temporary folder
+  under their member names, and removed when the next row is reached), or the RowProblem that skips it.
 - `row(number, locator)`: the Row to show (file names as the user knows them), read again on demand.
 """
 
@@ -23,13 +23,14 @@ import logging
 import os
 import posixpath
 import re
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from eddpm import metadata
-from eddpm.metadata import FILE_FIELDS, DatasetError, Row, RowProblem
+from eddpm.metadata import DatasetError, Row, RowProblem
 
 logger = logging.getLogger(__name__)
 
@@ -128,25 +129,27 @@ class MetadataSource:
             if isinstance(result, RowProblem):
                 yield ScanProblem(line, name, result, None)
                 continue
-            names = [getattr(result, key) for key in FILE_FIELDS]
+            names = (result.file_name, result.conditioning_file_name, result.mask_file_name)
             try:
                 stats = [file_stat(os.path.join(self.data_dir, n)) if n else None for n in names]
             except OSError as err:  # removed since the line was checked
                 yield ScanProblem(line, result.file_name, RowProblem("missing file", str(err)), None)
                 continue
-            identity = (*names, result.text)
-            dup = int.from_bytes(row_key(identity)[:8], "little") or 1
-            yield ScanRow(line, offset, row_key(identity, stats), dup, result.file_name)
+            identity = repr((*names, result.text)).encode()  # what makes two lines duplicates
+            dup = int.from_bytes(hashlib.blake2b(identity, digest_size=8).digest(), "little") or 1
+            key = hashlib.blake2b(identity + repr(stats).encode(), digest_size=16).digest()
+            yield ScanRow(line, offset, key, dup, result.file_name)
 
     @contextlib.contextmanager
-    def open_rows(self, rows: list[ScanRow]) -> Iterator[list[LocalRow | RowProblem]]:
-        out = []
-        for r in rows:
-            try:
-                out.append(LocalRow(self.row(r.number, r.locator), self.data_dir, self.allow_outside_paths))
-            except RowProblem as problem:
-                out.append(problem)
-        yield out
+    def open_rows(self, rows: list[ScanRow]) -> Iterator[Iterator[LocalRow | RowProblem]]:
+        def each():
+            for r in rows:
+                try:
+                    yield LocalRow(self.row(r.number, r.locator), self.data_dir, self.allow_outside_paths)
+                except RowProblem as problem:
+                    yield problem
+
+        yield each()
 
     def row(self, number: int, locator: int) -> Row:
         return metadata.read_row_at(self.data_dir, locator, number, allow_empty_prompts=self.allow_empty_prompts,
@@ -198,21 +201,26 @@ class ContainerSource:
         return self._paths[locator >> 32], locator & 0xFFFFFFFF
 
     @contextlib.contextmanager
-    def open_rows(self, rows: list[ScanRow]) -> Iterator[list[LocalRow | RowProblem]]:
+    def open_rows(self, rows: list[ScanRow]) -> Iterator[Iterator[LocalRow | RowProblem]]:
+        """The rows one at a time, each row's files written when it is reached and removed at the next."""
         with tempfile.TemporaryDirectory(prefix="eddpm-rows-", dir=_TMP) as tmp:
-            out = []
-            for r in rows:
-                folder = os.path.join(tmp, str(r.number))
-                try:
-                    row, files, shown = self._read(r.number, r.locator)
-                    os.makedirs(folder)
-                    for name, data in files.items():
-                        with open(os.path.join(folder, name), "wb") as f:
-                            f.write(data)
-                    out.append(LocalRow(row, folder, display=shown["file_name"]))
-                except RowProblem as problem:
-                    out.append(problem)
-            yield out
+
+            def each():
+                for r in rows:
+                    folder = os.path.join(tmp, str(r.number))
+                    try:
+                        row, files, shown = self._read(r.number, r.locator)
+                        os.makedirs(folder)
+                        for name, data in files.items():
+                            with open(os.path.join(folder, name), "wb") as f:
+                                f.write(data)
+                    except RowProblem as problem:
+                        yield problem
+                        continue
+                    yield LocalRow(row, folder, display=shown["file_name"])
+                    shutil.rmtree(folder, ignore_errors=True)
+
+            yield each()
 
     def row(self, number: int, locator: int) -> Row:
         """The row with its files named as in the source (`shard-000.tar/0001.jpg`, `train.parquet[5]:image`)."""

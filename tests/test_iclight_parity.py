@@ -297,7 +297,8 @@ def unets(weights):
 @pytest.fixture(scope="module", params=list(CASES))
 def runs(request, unets, tiny_components):
     """Both sides on one case: case, foregrounds, (reference stages, records), (our images, info, records)."""
-    from eddpm.relighting import Relighter, RelightSettings, prepare_foreground
+    from eddpm.relighting import Relighter, prepare_foreground
+    from eddpm.settings import RelightSettings
 
     torch.set_num_threads(1)
     case = CASES[request.param]

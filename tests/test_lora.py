@@ -106,7 +106,7 @@ def test_add_lora_freezes_all_but_adapters_and_conv_in(include_convs):
     for path in expected:  # rank r: A maps the layer's input to r, B maps r to its output
         a = unet.get_parameter(f"{path}.lora_A.default.weight")
         b = unet.get_parameter(f"{path}.lora_B.default.weight")
-        assert a.shape[0] == RANK and b.shape[1] == RANK and float(b.abs().max()) == 0.0, path
+        assert a.shape[0] == RANK and b.shape[1] == RANK and float(b.detach().abs().max()) == 0.0, path
     torch.testing.assert_close(unet_out(unet), unet_out(plain), rtol=0, atol=0)  # B = 0: nothing changed yet
 
 

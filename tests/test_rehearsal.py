@@ -152,8 +152,9 @@ def test_the_iclight_preset_at_real_size_from_another_folder(tmp_path):
                  "iclight_offsets.safetensors", "samples/step-000003.png"):
         assert (out / name).is_file(), name
     assert log["train.py, resumed for step 3"]["peak_rss_gb"] * 1e9 <= MAX_TRAIN_RSS
-    sizes = {p.name: p.stat().st_size for p in (out / "checkpoint-3").iterdir()}
-    print(f"rehearsal: checkpoint-3: {sum(sizes.values()) / 1e9:.2f} GB {sizes}")
+    for folder in (out / "checkpoint-2", out / "unet", out):  # the sizes README "Memory" quotes
+        sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        print(f"rehearsal: {folder.name}/: {sum(sizes.values()) / 1e9:.2f} GB {sizes}")
 
     foreground = SYNTHETIC / "condition" / "00001.png"
     relight = [sys.executable, REPO / "relight.py", "--input", foreground, "--width", 64, "--height", 64,

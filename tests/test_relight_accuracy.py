@@ -94,3 +94,32 @@ def test_step_schedules_at_equal_steps(bench_output):
         assert d["se"] == pytest.approx(float(np.std(diffs, ddof=1) / np.sqrt(5)))
     assert {(d["eddpm"].split(" @ ")[1], d["other"].split(" @ ")[-1]) for d in result["paired"]} >= {("3", "3")}
     assert "PSNR differences" in (steps_out / "results.md").read_text()
+
+
+def test_schedule_comparison_combines_seeds(tmp_path):
+    """bench/schedule_comparison.py: per-seed paired means, their mean and standard error over seeds (by hand)."""
+    keys = [(i, d) for i in range(2) for d in ("left", "right")]
+
+    def run(eddpm_psnr, ays_psnr):
+        rows = {"e": [{"index": i, "direction": d, "psnr": p, "estimated": d} for (i, d), p in zip(keys, eddpm_psnr)],
+                "a": [{"index": i, "direction": d, "psnr": p, "estimated": d} for (i, d), p in zip(keys, ays_psnr)]}
+        summary = {name: {"psnr": float(np.mean([x["psnr"] for x in r])), "accuracy": 1.0} for name, r in rows.items()}
+        return {"runs": [{"name": "e", "sampler": "eddpm_dpmpp_2m", "steps": 10},
+                         {"name": "a", "sampler": "ays_interp_dpmpp_2m", "steps": 10}],
+                "records": rows, "rows": summary, "search": None}
+
+    paths = []
+    for seed, (e, a) in enumerate([([20, 21, 22, 23], [19, 21, 21, 22]), ([20, 20, 20, 20], [20, 21, 20, 19])]):
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(run(e, a)))
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "schedule_comparison.py"), "--runs",
+                           *map(str, paths), "--output_dir", str(tmp_path / "out")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    (d,) = result["summary"]["paired"]
+    assert d["per_seed"] == pytest.approx([0.75, 0.0])  # (1 + 0 + 1 + 1) / 4 and (0 - 1 + 0 + 1) / 4
+    assert d["mean"] == pytest.approx(0.375) and d["se_seeds"] == pytest.approx(0.375)  # std([.75, 0]) / sqrt(2)
+    (goal,) = result["summary"]["goal"]
+    assert goal["best_baseline"] == "ays_interp_dpmpp_2m" and goal["met"] is False  # 0.375 < 2 x 0.375
+    assert (tmp_path / "out" / "psnr_vs_K.png").is_file()

@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from eddpm.relighting import (
+from eddpm.relighting import Relighter, lighting_gradient, prepare_foreground, read_upload
+from eddpm.settings import (
     EDDPM_SAMPLERS,
     ICLIGHT_SAMPLER,
     SAMPLERS,
-    Relighter,
     RelightSettings,
     check_settings,
     highres_size,
-    lighting_gradient,
-    prepare_foreground,
-    read_upload,
 )
 
 pytestmark = pytest.mark.filterwarnings(  # diffusers' schedulers on numpy 2

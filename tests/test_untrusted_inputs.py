@@ -254,7 +254,7 @@ def test_relight_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
 
 
 def test_request_limits_depend_on_the_device_and_count_images_steps_and_passes():
-    from eddpm.relighting import RelightSettings, SettingsError, check_settings, request_cost, request_limits
+    from eddpm.settings import RelightSettings, SettingsError, check_settings, request_cost, request_limits
 
     default = RelightSettings(sampler="ddim")  # IC-Light's defaults: 512x640, then 768x960, 25 steps
     assert request_cost(default) == pytest.approx((25 * (512 * 640 + 768 * 960) / 1e6, 768 * 960 / 1e6))
