@@ -254,14 +254,16 @@ def resume(run: Run) -> None:
     except ckpt.CheckpointError as err:
         raise SystemExit(f"train.py: cannot resume: {err}") from None
     if path:
+        # each part is dropped once applied: its tensors map the checkpoint's files, whose pages count as
+        # memory until released (at SD1.5 size the three large parts are 8.6 GB; README "Memory")
         try:
-            load_trainable_state_dict(acc.unwrap_model(t.unet), state["unet"])
+            load_trainable_state_dict(acc.unwrap_model(t.unet), state.pop("unet"))
         except ValueError as err:
             raise SystemExit(f"train.py: cannot resume from {path}: {err}") from None
-        t.optimizer.load_state_dict(state["optimizer"])
+        t.optimizer.load_state_dict(state.pop("optimizer"))
         t.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if t.ema is not None:
-            t.ema.load_state_dict(state["ema"])
+            t.ema.load_state_dict(state.pop("ema"))
             t.ema.to(acc.device)
         if acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])

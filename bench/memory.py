@@ -307,6 +307,7 @@ def row(conf: Configuration, runs: dict[str, dict], device: str = "cpu") -> dict
     measured = {int(side): m for side, m in source.get("sizes", {}).items()}
     transients = {side: m["measured"] - resident for side, m in measured.items()}
     return {"name": conf.name, "flags": list(conf.flags), "note": conf.note, "measured_as": twin,
+            "ema_offloaded": cfg.use_ema and cfg.offload_ema,
             "static": static, "measured": {side: m["measured"] for side, m in measured.items()},
             "seconds": {side: m["seconds"] for side, m in measured.items()}, "transient": transients,
             "gpu_estimate": estimate(cfg, static, transients or None)}
@@ -322,7 +323,8 @@ def markdown(rows: list[dict], device: str = "cpu") -> str:
     for r in rows:
         st, est = r["static"], r["gpu_estimate"]
         cells = [r["name"], " ".join(f"`{f}`" for f in r["flags"]) or "(none)"]
-        cells += [f"{st[k] / GB:.2f}" for k in ("weights", "gradients", "optimizer", "ema")]
+        cells += [f"{st[k] / GB:.2f}" for k in ("weights", "gradients", "optimizer")]
+        cells.append(f"{st['ema'] / GB:.2f}" + (" (CPU)" if r.get("ema_offloaded") else ""))
         for s in sides:
             if s in r["measured"] and r["measured_as"]:  # the twin's transient plus this row's own bytes
                 cpu_bytes = sum(st.values()) if where == "CPU" else r["gpu_estimate"]["on_device"]
@@ -331,7 +333,8 @@ def markdown(rows: list[dict], device: str = "cpu") -> str:
                 cells.append(f"{r['measured'][s] / GB:.1f} ({r['seconds'][s]:.0f} s)")
             else:
                 cells.append("not run")
-        cells.append(f"**{est['total'] / GB:.1f}**")
+        measured_any = bool(r["transient"])  # without a measured step only the exact bytes and the context
+        cells.append(f"**{est['total'] / GB:.1f}**" if measured_any else f"at least {est['total'] / GB:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + (
         "\n\nGB = 10^9 bytes. Exact bytes from the parameter shapes; CPU figures: peak RSS of one training step "

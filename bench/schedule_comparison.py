@@ -1,7 +1,7 @@
 """Learned steps against the best step schedules, over training seeds: combines bench/relight_accuracy.py runs.
 
-    python bench/schedule_comparison.py --runs /tmp/ra-s0/results.json /tmp/ra-s1/results.json \\
-        /tmp/ra-s2/results.json --train_logs /tmp/train-s0.log /tmp/train-s1.log /tmp/train-s2.log
+    python bench/schedule_comparison.py --runs outputs/ra-s0/results.json outputs/ra-s1/results.json \\
+        outputs/ra-s2/results.json --train_logs outputs/train-s0.log outputs/train-s1.log outputs/train-s2.log
 
 Each run is one training seed's model relit with `--steps` (every sampler at each K on that model). Per row
 (sampler at K): PSNR and direction accuracy, mean over seeds +- the standard error over seeds. Paired
@@ -32,6 +32,8 @@ GOAL_STEPS = 10
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="results.json of bench/relight_accuracy.py, one per seed")
+    p.add_argument("--reference_runs", nargs="*", default=[], help="results.json of runs with --reference_steps "
+                   "whose relights give each sampler's PSNR to the reference image (not counted as seeds)")
     p.add_argument("--train_logs", nargs="*", default=[], help="train.py logs with /usr/bin/time -v output")
     p.add_argument("--output_dir", default="bench/results/schedules_vs_eddpm")
     return p.parse_args(argv)
@@ -57,7 +59,7 @@ def by_key(run: dict) -> dict[tuple[str, int], str]:
     return {(r["sampler"], r["steps"]): r["name"] for r in run["runs"]}
 
 
-def paired(runs: list[dict], a: tuple[str, int], b: tuple[str, int]) -> dict | None:
+def paired(runs: list[dict], a: tuple[str, int], b: tuple[str, int], metric: str = "psnr") -> dict | None:
     """PSNR of row a minus row b, paired over the relights both made, per seed and combined, over the runs that
     have both rows (the reference may be in only some); None if no run has both."""
     per_seed, pooled = [], []
@@ -65,9 +67,11 @@ def paired(runs: list[dict], a: tuple[str, int], b: tuple[str, int]) -> dict | N
         names = by_key(run)
         if a not in names or b not in names:
             continue
-        theirs = {(x["index"], x["direction"]): x["psnr"] for x in run["records"][names[b]]}
-        diff = [x["psnr"] - theirs[(x["index"], x["direction"])] for x in run["records"][names[a]]
+        theirs = {(x["index"], x["direction"]): x[metric] for x in run["records"][names[b]] if metric in x}
+        diff = [x[metric] - theirs[(x["index"], x["direction"])] for x in run["records"][names[a]]
                 if (x["index"], x["direction"]) in theirs]
+        if not diff:
+            continue
         per_seed.append(float(np.mean(diff)))
         pooled += diff
     if not per_seed:
@@ -87,9 +91,6 @@ def summarise(runs: list[dict]) -> dict:
                                       "psnr": mean_se([s["psnr"] for s in stats]),
                                       "accuracy": mean_se([s["accuracy"] for s in stats]),
                                       "per_seed_psnr": [s["psnr"] for s in stats]}
-        near = [s["psnr_to_reference"] for s in stats if "psnr_to_reference" in s]
-        if near:  # the sampler's own error: PSNR to the reference's image from the same noise
-            rows[f"{key[0]}@{key[1]}"]["psnr_to_reference"] = mean_se(near) + (len(near),)
     reference = next((k for k in keys if k[0] == "ddim"), None)  # DDIM with --reference_steps
     diffs = []
     for key in keys:
@@ -101,6 +102,22 @@ def summarise(runs: list[dict]) -> dict:
             continue
         diffs += [d for d in (paired(runs, key, other) for other in others) if d is not None]
     return {"rows": rows, "paired": diffs, "goal": goal(rows, diffs)}
+
+
+def to_reference(runs: list[dict]) -> dict:
+    """The samplers' own error in runs that made the reference on the same relights: each row's mean PSNR to
+    the reference's image from the same noise, and EDDPM minus each baseline, paired over those relights."""
+    keys = sorted({k for run in runs for k in by_key(run)}, key=lambda k: (k[1], k[0]))
+    rows = []
+    for key in keys:
+        near = [run["rows"][by_key(run)[key]]["psnr_to_reference"] for run in runs
+                if key in by_key(run) and "psnr_to_reference" in run["rows"][by_key(run)[key]]]
+        if near:
+            rows.append({"sampler": key[0], "steps": key[1], "name": by_key(runs[0])[key], "psnr": mean_se(near),
+                         "runs": len(near)})
+    pairs = [d for key in keys if key[0] in EDDPM for b in BASELINES
+             if (d := paired(runs, key, (b, key[1]), "psnr_to_reference")) is not None]
+    return {"rows": rows, "paired": pairs}
 
 
 def goal(rows: dict, diffs: list[dict]) -> list[dict]:
@@ -156,13 +173,18 @@ def markdown(result: dict) -> str:
         per = " / ".join(f"{v:.2f}" for v in r["per_seed_psnr"])
         lines.append(f"| {r['steps']} | {r['name']} | {r['psnr'][0]:.2f} +- {r['psnr'][1]:.2f} | {per} | "
                      f"{100 * r['accuracy'][0]:.1f} +- {100 * r['accuracy'][1]:.1f} % |")
-    near = [r for r in s["rows"].values() if "psnr_to_reference" in r]
+    near = result["to_reference"]["rows"]
     if near:
         lines += ["", "PSNR to the reference's image from the same noise (the sampler's own error; the runs that "
                   "made the reference):\n", "| K | sampler | PSNR to the reference image (dB) | runs |",
                   "|---|---|---|---|"]
-        lines += [f"| {r['steps']} | {r['name']} | {r['psnr_to_reference'][0]:.2f} | {r['psnr_to_reference'][2]} |"
-                  for r in near]
+        lines += [f"| {r['steps']} | {r['name']} | {r['psnr'][0]:.2f} | {r['runs']} |" for r in near]
+    if result["to_reference"]["paired"]:
+        lines += ["", "Paired differences of the PSNR to the reference image, EDDPM minus the other (positive: EDDPM "
+                  "is closer to the 1000-step sample):\n", "| K | EDDPM sampler | minus | per run (dB) | mean | SE "
+                  "pooled over relights |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d['a'][1]} | {d['a'][0]} | {d['b'][0]} | " + " / ".join(f"{v:+.2f}" for v in d["per_seed"])
+                  + f" | {d['mean']:+.2f} | {d['se_pooled']:.2f} ({d['relights']}) |" for d in result["to_reference"]["paired"]]
     lines += ["", "Paired PSNR differences, the first sampler minus the second (the reference only on its subset):\n",
               "| K | sampler | minus | per seed (dB) | mean +- SE over seeds | SE pooled over relights |",
               "|---|---|---|---|---|---|"]
@@ -196,7 +218,9 @@ def main(argv=None) -> dict:
                            f"{sr['teacher']}, {sr['grid_points']} grid points, {sr['model_calls']} batched calls)")
     compute.append("uniform and AYS: none (AYS's published 10 steps, interpolated)")
     command = "python bench/schedule_comparison.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    result = {"command": command, "runs": args.runs, "summary": summary, "compute": compute}
+    to_ref = to_reference([json.load(open(p)) for p in args.reference_runs])
+    result = {"command": command, "runs": args.runs, "reference_runs": args.reference_runs, "summary": summary,
+              "to_reference": to_ref, "compute": compute}
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.json"), "w") as fh:
         json.dump(result, fh, indent=1, default=list)

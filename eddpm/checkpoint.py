@@ -12,7 +12,6 @@ checkpoint whose manifest matches its files and says why it skipped any newer on
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,8 @@ import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from eddpm.metadata import file_digest
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
@@ -108,7 +109,7 @@ def verify_checkpoint(folder: str) -> None:
             raise CheckpointError(f"{folder}: {name} is missing")
         if os.path.getsize(path) != size:
             raise CheckpointError(f"{folder}: {name} has {os.path.getsize(path)} bytes, the manifest says {size}")
-        if _sha256(path) != digest:
+        if file_digest(path) != digest:
             raise CheckpointError(f"{folder}: {name} does not match its checksum (damaged)")
 
 
@@ -156,7 +157,7 @@ def write_state(folder: str, state: dict) -> None:
             files[name] = None
     _write_json(os.path.join(folder, PLAIN_STATE), plain)
     files[PLAIN_STATE] = None
-    entries = {name: [os.path.getsize(os.path.join(folder, name)), _sha256(os.path.join(folder, name))]
+    entries = {name: [os.path.getsize(os.path.join(folder, name)), file_digest(os.path.join(folder, name))]
                for name in files}
     _write_json(os.path.join(folder, MANIFEST), {"files": entries})
 
@@ -203,14 +204,6 @@ def _write_json(path: str, value) -> None:
         json.dump(value, fh)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_disk_full(err: BaseException) -> bool:

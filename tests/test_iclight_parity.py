@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_conditioning import reference_resize_and_center_crop
 
 from eddpm.iclight import SD15_SCHEDULER_CONFIG
 from eddpm.tiny import TINY_UNET_CONFIG
@@ -52,17 +53,6 @@ LONG_PROMPT = ", ".join(["warm sunset light from the left window"] * 12)  # more
 # ---------------------------------------------------------------------------------------------------
 # The reference: IC-Light fc's demo logic
 # ---------------------------------------------------------------------------------------------------
-
-
-def ref_resize_and_center_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Cover-scale with round() per side, Lanczos, then PIL's crop of the centred float box."""
-    pil = Image.fromarray(image)
-    w, h = pil.size
-    k = max(width / w, height / h)
-    rw, rh = int(round(w * k)), int(round(h * k))
-    pil = pil.resize((rw, rh), Image.LANCZOS)
-    box = ((rw - width) / 2, (rh - height) / 2, (rw + width) / 2, (rh + height) / 2)
-    return np.array(pil.crop(box))
 
 
 def ref_resize_without_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -180,7 +170,7 @@ def ref_process(models, input_fg, prompt, width, height, num_samples, seed, step
     input_bg = ref_gradient(bg_source, width, height)
     rng = torch.Generator(device="cpu").manual_seed(int(seed))
 
-    fg = ref_resize_and_center_crop(input_fg, width, height)
+    fg = reference_resize_and_center_crop(input_fg, width, height)
     concat_conds = ref_vae_encode(vae, ref_numpy2pytorch([fg]))
     stages["condition_pixels"] = [fg]
     conds, unconds = ref_encode_prompt_pair(tokenizer, text_encoder, prompt + ", " + a_prompt, n_prompt)
@@ -191,7 +181,7 @@ def ref_process(models, input_fg, prompt, width, height, num_samples, seed, step
         latents = t2i(width=width, height=height, num_inference_steps=steps,
                       cross_attention_kwargs={"concat_conds": concat_conds}, **common).images
     else:
-        bg = ref_resize_and_center_crop(input_bg, width, height)
+        bg = reference_resize_and_center_crop(input_bg, width, height)
         bg_latent = ref_vae_encode(vae, ref_numpy2pytorch([bg]))
         latents = i2i(image=bg_latent, strength=lowres_denoise, width=width, height=height,
                       num_inference_steps=int(round(steps / lowres_denoise)),
@@ -204,7 +194,7 @@ def ref_process(models, input_fg, prompt, width, height, num_samples, seed, step
     latents = ref_vae_encode(vae, ref_numpy2pytorch(pixels))
     height, width = latents.shape[2] * 8, latents.shape[3] * 8
 
-    fg = ref_resize_and_center_crop(input_fg, width, height)
+    fg = reference_resize_and_center_crop(input_fg, width, height)
     stages["condition_pixels"].append(fg)
     concat_conds = ref_vae_encode(vae, ref_numpy2pytorch([fg]))
     latents = i2i(image=latents, strength=highres_denoise, width=width, height=height,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 FOREGROUND = REPO / "data" / "synthetic" / "condition" / "00001.png"  # RGBA, 128 x 128
@@ -49,20 +50,6 @@ def one_error_line(stderr: str, prefix: str) -> str:
     assert len(lines) == 1 and lines[0].startswith(prefix), stderr
     return lines[0]
 
-
-def run_train(argv: list[str]):
-    """train.main in this process; accelerate's state is a singleton, so reset it around each run."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    import train
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return train.main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def tiny_train_args(data_dir, tmp_path, *extra) -> list[str]:
