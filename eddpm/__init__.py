@@ -1,9 +1,12 @@
-"""EDDPM for IC-Light: the logic shared by train.py, gradio_demo.py and relight.py.
+"""EDDPM for IC-Light: the logic shared by train.py, gradio_demo.py, relight.py and the benches.
 
-One module per concern: `masks` (the math of Algorithm 1), `iclight` (model plumbing shared by
-training and the demo), `images`, `metadata`, `examples`, `buckets`, `cache` (the data path: decoding,
-rows, examples, buckets, latent cache), `synthetic` (the bundled dataset generator). Nothing heavy is
-imported here, so `python train.py --help` stays fast.
+One module per concern (README, "Development", has the table): the EDDPM math and training step (`masks`,
+`rewards`, `losses`, `policy`, `training`, `ema`, `scheduler`), IC-Light (`iclight` constants, `weights`,
+`ldm`, `lora`, `conditioning`, `prompts`, `conditioned_unet`, `briarmbg`, `models`, `tiny`, `sd15`), data
+(`images`, `metadata`, `examples`, `buckets`, `sources`, `tables`, `shards`, `manifest`, `cache_build`,
+`cache`, `synthetic`), relighting (`settings`, `relighting`, `samplers`, `schedule_search`, `cli`) and runs
+(`config`, `checkpoint`, `export`, `plots`, `quiet`). Modules import only each other, never an entry point.
+Nothing heavy is imported here, so `python train.py --help` stays fast.
 """
 
 from eddpm import quiet
