@@ -190,7 +190,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
     # Memory (bench/memory.py, README "Memory"): micro-batches of 1 accumulated to the effective batch of 16,
     # gradient checkpointing, 8-bit AdamW and the EMA in CPU memory: a step at 512x640 is estimated at 11.1 GB
     # of GPU memory (19.5 GB with fp32 AdamW and the EMA on the GPU), and the same settings train within
-    # 15.2 GB of RAM on a 24 GB machine without a GPU (tests/test_rehearsal.py).
+    # 15.0 GB of RAM on a 24 GB machine without a GPU (tests/test_rehearsal.py).
     "iclight": dict(
         base_model="models/realistic-vision-v51", offset_path="models/iclight_sd15_fc.safetensors",
         rmbg_path="models/RMBG-1.4", data_dir="data/train", output_dir="outputs/iclight", resolution=512,
