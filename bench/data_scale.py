@@ -268,8 +268,8 @@ def per_row_512x640(index_bytes_per_row: float) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"`{results['command']}` on {results['cpu']} ({results['cores']} cores, shared with other jobs: "
-             "the 1-minute load average is in each row).", "",
+    lines = [f"`{results['command']}` on {results['cpu']} ({results['cores']} cores; the 1-minute load "
+             "average is in each row: near or above the core count, other jobs shared the machine).", "",
              "Wall time, with the CPU time of the process in brackets (under load a process gets part of a core).",
              "", "| rows | input | cold build | start-up, built cache | cache files / row | index bytes / row | "
              "memory held / row | peak RSS | load |", "|---|---|---|---|---|---|---|---|---|"]

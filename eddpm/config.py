@@ -52,7 +52,8 @@ class TrainConfig:
     base_model: str = _f("tiny", "Base SD1.5 in diffusers layout (folder or hub id), or 'tiny' for the small "
                          "models built in code (CPU, no downloads).")
     offset_path: typing.Optional[str] = _f(None, "IC-Light fc offsets (safetensors) added to the base UNet; "
-                                           "None trains from the widened base.")
+                                           "None trains from the widened base. With base_model 'tiny': a tiny run's "
+                                           "iclight_offsets.safetensors, to fine-tune that model.")
     rmbg_path: typing.Optional[str] = _f(None, "BriaRMBG folder, used only for rows with neither an alpha "
                                          "channel nor a mask file; None skips such rows with a message.")
     resolution: int = _f(64, "Target side in pixels: buckets have about resolution**2 pixels, sides multiples "
@@ -128,7 +129,8 @@ class TrainConfig:
     warmup: float = _f(0.16, "Training progress (0-1) before the keep rate starts falling.")
     ramp_end: float = _f(0.6, "Training progress (0-1) where the cubic ramp reaches final_keep_rate.")
     scores_lr: float = _f(0.01, "Step size eta_s of the keep-probability update, Eq. (11). 0.01 suits adam; the "
-                          "paper's sgd needs a step matched to the loss scale (0.1 on the 2-D benchmark).")
+                          "paper's sgd needs a step matched to the loss scale (0.1 on the 2-D benchmark). 0 with "
+                          "--final_keep_rate 1 keeps every step: ordinary DDPM training (t uniform, unmasked alpha-bar).")
     scores_optimizer: str = _f("adam", "sgd is the paper's projected gradient step; adam normalises the "
                                "REINFORCE gradient's scale (bench/steps_vs_quality.py: sgd 0.5 committed s to "
                                "0/1 on noise, adam 0.01 did not).", choices=("sgd", "adam"))
@@ -279,7 +281,8 @@ _RANGES = (
     (("checkpointing_steps", "validation_steps", "num_validation_images", "lr_warmup_steps",
       "dataloader_num_workers", "synthetic_scenes", "export_searched_schedule"), lambda v: v >= 0, ">= 0"),
     (("search_trajectories",), lambda v: v >= 1, ">= 1"),
-    (("learning_rate", "scores_lr", "max_grad_norm", "scores_max_grad_norm", "snr_gamma"), lambda v: v > 0, "> 0"),
+    (("learning_rate", "max_grad_norm", "scores_max_grad_norm", "snr_gamma"), lambda v: v > 0, "> 0"),
+    (("scores_lr",), lambda v: v >= 0, ">= 0"),
     (("lora_rank",), lambda v: v >= 0, ">= 0 (0: full fine-tuning)"),
     (("lora_alpha",), lambda v: v is None or v > 0, "> 0"),
 )

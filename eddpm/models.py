@@ -35,9 +35,10 @@ def load_components(
     """The four models in float32 on the CPU.
 
     base_model 'tiny': `tiny.build_tiny_components(seed)` (with the VAE this project trained on the
-    synthetic data, models/tiny/vae, when it is there). Otherwise a diffusers SD1.5 folder or hub id,
-    whose UNet is widened to 8 channels and merged with `offset_path`. `unet_path` (a train.py output's
-    unet/ folder) replaces the UNet.
+    synthetic data, models/tiny/vae, when it is there), its UNet merged with `offset_path` when given (a
+    tiny run's iclight_offsets.safetensors: fine-tuning a trained tiny model, as IC-Light's file is for SD1.5).
+    Otherwise a diffusers SD1.5 folder or hub id, whose UNet is widened to 8 channels and merged with
+    `offset_path`. `unet_path` (a train.py output's unet/ folder) replaces the UNet.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -46,6 +47,8 @@ def load_components(
         trained_vae = (TINY_VAE_DIR / "config.json").is_file()
         vae = AutoencoderKL.from_pretrained(TINY_VAE_DIR) if trained_vae else parts.vae
         unet, text_encoder, tokenizer = parts.unet, parts.text_encoder, parts.tokenizer
+        if offset_path is not None and unet_path is None:
+            weights.merge_offsets_(unet, offset_path)
     else:
         vae, text_encoder, tokenizer = weights.load_base_components(base_model)
         unet = None if unet_path else weights.load_iclight_unet(base_model, offset_path)

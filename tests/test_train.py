@@ -344,6 +344,28 @@ def test_nonfinite_steps_are_skipped_then_stop(small_data, cache_dir, tmp_path):
                          "--export_fp32"))
 
 
+def test_ordinary_training_then_an_eddpm_fine_tune_from_its_offsets(small_data, cache_dir, tmp_path):
+    """--final_keep_rate 1 --scores_lr 0 is ordinary DDPM training: s stays exactly 1, so every mask keeps all
+    1000 steps. Its iclight_offsets.safetensors, given as --offset_path to a tiny run, is where the fine-tune
+    starts: with a learning rate of 1e-30 the fine-tune's weights are the base run's exported (EMA) UNet up to
+    the offsets' fp16."""
+    base, tuned = tmp_path / "uniform", tmp_path / "tuned"
+    run_train(train_args(small_data, cache_dir, base, "--max_train_steps", 2, "--final_keep_rate", 1,
+                         "--scores_lr", 0, "--export_fp32"))
+    state = checkpoint_state(base / "checkpoint-2")
+    assert torch.equal(state["policy"]["scores"], torch.ones(1000, dtype=torch.float64))
+    assert [r["kept_per_mask"] for r in read_stats(base)] == [1000.0, 1000.0]
+    run_train(train_args(small_data, cache_dir, tuned, "--max_train_steps", 1, "--learning_rate", 1e-30,
+                         "--offset_path", base / "iclight_offsets.safetensors", "--checkpointing_steps", 1))
+    trained = load_tensors(base / "unet" / "diffusion_pytorch_model.safetensors")
+    start = unet_weights(tuned / "checkpoint-1")
+    from eddpm.models import load_base_unet
+
+    fresh = load_base_unet("tiny", 0).state_dict()
+    assert max_rel_diff(trained, fresh) > 1e-2  # two steps at the preset's learning rate moved the weights
+    assert max_rel_diff(trained, start) < 2e-3  # fp16 offsets: about 2**-11 of each tensor's largest value
+
+
 def test_synthetic_scenes_render_a_missing_data_dir_once(cache_dir, tmp_path):
     """--synthetic_scenes N renders N scenes x 5 lights into a data_dir without metadata.jsonl, then trains
     on it; a second run finds the set and leaves it alone."""
