@@ -15,7 +15,9 @@ steps diffusers' EMAModel with train.py's warm-up. `base` trains with `eddpm.pol
 (ordinary DDPM training: t uniform over all T steps, no mask). Every EDDPM model trains with
 `eddpm.policy.MaskPolicy` at train.py's defaults except for the mask reading and the reward: paper,
 respaced and rescaled with the paper's plain-loss reward, and respaced-gap = respaced with the gap reward
-of eddpm/rewards.py (train.py's default pair). For every reading and every K, `ft-<mode>` fine-tunes
+of eddpm/rewards.py (train.py's default pair); respaced-step (respaced with the step-doubling reward, one
+more model call per sample) runs only when asked for with --modes. `--selection` swaps the held-out data and
+the training seeds for a selection set, to choose settings on. For every reading and every K, `ft-<mode>` fine-tunes
 `base` for `finetune_fraction` of its steps (the IC-Light case); `scratch-<mode>` trains from scratch for
 as many steps as `base`, at the K of `scratch_ks` only (K = 10 by default: these runs cost 4x a fine-tune
 each).
@@ -47,6 +49,7 @@ and could push sum(s) below K, so that top-K filled up with tied steps next to T
     python bench/steps_vs_quality.py                       # default: about 1 h on 2 cores (estimated)
     python bench/steps_vs_quality.py --quick --output_dir /tmp/q
     python bench/steps_vs_quality.py --datasets gmm --ks 10 --seeds 1 --modes respaced-gap --inits ft
+    python bench/steps_vs_quality.py --selection --modes respaced-gap,respaced-step --inits ft   # reward choice
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ from eddpm.training import StepSettings, Trainee, step_seed, train_step  # noqa:
 
 T = 1000
 SD15 = dict(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-MODES = ("paper", "respaced", "rescaled", "respaced-gap")  # respaced-gap: respaced + reward "gap" (eddpm/rewards.py)
+# respaced-gap / respaced-step: respaced with the reward "gap" / "step" of eddpm/rewards.py
+MODES = ("paper", "respaced", "rescaled", "respaced-gap", "respaced-step")
+REWARDS = {"respaced-gap": "gap", "respaced-step": "step"}  # the other modes: the plain loss
 INITS = ("ft", "scratch")
 FIXED_SCHEDULES = ("ays", "searched")  # the --samplers rows beside the learned steps (see the docstring)
 METRICS = {"gmm": ("swd", "mmd", "mode_err", "off_mode"), "digits": ("fd", "class_err")}
@@ -98,8 +103,11 @@ class BenchConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     # Training seeds 0 .. seeds-1; each retrains every model. Sampling noise is shared by all methods of a seed.
     seeds: int = 3
+    # A selection run: other held-out data (gmm: fresh points; digits: another split) and training seeds
+    # 100, 101, ..., for choosing settings without looking at the reported set.
+    selection: bool = False
     # Mask readings to train with EDDPM (see MODES).
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: list(MODES[:4]))
     # "ft": fine-tune the ordinary model with EDDPM (IC-Light's case); "scratch": EDDPM from initialisation.
     inits: list[str] = field(default_factory=lambda: list(INITS))
     # The K values of the from-scratch runs (each as long as the ordinary model's training, so 4x a
@@ -162,12 +170,13 @@ def gmm_centers() -> torch.Tensor:
     return GMM_RADIUS * torch.stack([angles.cos(), angles.sin()], dim=1)  # [8, 2]
 
 
-def load_data(name: str) -> dict:
-    """Training and held-out sets of one data set (fixed, independent of the training seed)."""
+def load_data(name: str, selection: bool = False) -> dict:
+    """Training and held-out sets of one data set (fixed, independent of the training seed); `selection`
+    gives the selection run's held-out set instead (gmm) or another split (digits)."""
     if name == "gmm":
         train, _ = gmm_sample(20000, torch.Generator().manual_seed(0))
-        heldout, labels = gmm_sample(4000, torch.Generator().manual_seed(1))
-        fresh, _ = gmm_sample(4000, torch.Generator().manual_seed(2))  # for the metric floor
+        heldout, labels = gmm_sample(4000, torch.Generator().manual_seed(3 if selection else 1))
+        fresh, _ = gmm_sample(4000, torch.Generator().manual_seed(4 if selection else 2))  # for the metric floor
         return {"train": train, "heldout": heldout, "heldout_labels": labels, "floor": fresh}
     if name == "digits":
         from sklearn.datasets import load_digits
@@ -175,7 +184,8 @@ def load_data(name: str) -> dict:
 
         x, y = load_digits(return_X_y=True)
         x = x.astype(np.float32) / 8.0 - 1.0  # pixel values 0..16 -> [-1, 1]
-        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=500, stratify=y, random_state=0)
+        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=500, stratify=y,
+                                                  random_state=1 if selection else 0)
         return {"train": torch.from_numpy(x_tr), "train_labels": torch.from_numpy(y_tr),
                 "heldout": torch.from_numpy(x_te), "heldout_labels": torch.from_numpy(y_te),
                 "floor": torch.from_numpy(x_tr[:500])}
@@ -468,7 +478,7 @@ def run_unit(name: str, seed: int, cfg: BenchConfig, data: dict, classifier_stat
 
     for init in cfg.inits:
         for mode in cfg.modes:
-            mask_mode = "respaced" if mode == "respaced-gap" else mode
+            mask_mode = "respaced" if mode in REWARDS else mode
             for k in cfg.ks if init == "ft" else [k for k in cfg.ks if k in cfg.scratch_ks]:
                 start = time.perf_counter()
                 run_seed = 1000 * seed + 100 * INITS.index(init) + 10 * MODES.index(mode) + k
@@ -478,7 +488,7 @@ def run_unit(name: str, seed: int, cfg: BenchConfig, data: dict, classifier_stat
                     model = new_model(name, cfg, run_seed)
                 policy = MaskPolicy(base_betas(), mask_mode=mask_mode, lr=cfg.scores_lr,
                                     optimizer=cfg.scores_optimizer,
-                                    reward="gap" if mode == "respaced-gap" else "loss")
+                                    reward=REWARDS.get(mode, "loss"))
                 run_steps = max(1, round(steps * cfg.finetune_fraction)) if init == "ft" else steps
                 eddpm_model = train(model, data["train"], cfg, run_steps, run_seed, policy, num_kept=k)
                 timings[f"{init}-{mode}-K{k}"] = time.perf_counter() - start
@@ -653,7 +663,7 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    colors = {"paper": "C3", "respaced": "C1", "rescaled": "C4", "respaced-gap": "C2"}
+    colors = {"paper": "C3", "respaced": "C1", "rescaled": "C4", "respaced-gap": "C2", "respaced-step": "C8"}
     base_styles = {"base/ddpm/uniform": "0.6", "base/ddim/uniform": "C0", "base/dpmpp/uniform": "k",
                    "base/dpmpp/ays": "C5", "base/dpmpp/searched": "C6"}
     names = list(payload["results"])
@@ -702,6 +712,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, str, str | None]:
     parser.add_argument("--datasets", help="comma-separated, from gmm,digits")
     parser.add_argument("--ks", help="comma-separated numbers of sampling steps")
     parser.add_argument("--seeds", type=int, help="number of training seeds")
+    parser.add_argument("--selection", action="store_true", default=None,
+                        help="held-out data and training seeds (100, 101, ...) of the selection set, not the reported ones")
     parser.add_argument("--modes", help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--inits", help="comma-separated, from ft,scratch")
     parser.add_argument("--scratch_ks", help="comma-separated K values of the from-scratch runs")
@@ -762,7 +774,7 @@ def main(argv=None) -> None:
 
     datasets, classifier, info, floor = {}, {}, {}, {}
     for name in cfg.datasets:
-        datasets[name] = load_data(name)
+        datasets[name] = load_data(name, cfg.selection)
         classifier[name] = None
         info[name] = {"train": len(datasets[name]["train"]), "heldout": len(datasets[name]["heldout"]),
                       "generated": cfg.num_samples[name], "train steps (base, scratch)": cfg.max_train_steps[name],
@@ -775,7 +787,9 @@ def main(argv=None) -> None:
         metrics = Evaluator(name, datasets[name], classifier[name])(datasets[name]["floor"])
         floor[name] = {m: metrics[m] for m in METRICS[name]}
 
-    units = [(name, seed, cfg, datasets[name], classifier[name]) for name in cfg.datasets for seed in range(cfg.seeds)]
+    first_seed = 100 if cfg.selection else 0
+    units = [(name, seed, cfg, datasets[name], classifier[name]) for name in cfg.datasets
+             for seed in range(first_seed, first_seed + cfg.seeds)]
     if cfg.workers > 1 and len(units) > 1:
         with multiprocessing.get_context("fork").Pool(min(cfg.workers, len(units))) as pool:
             outputs = pool.starmap(run_unit, units)

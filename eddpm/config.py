@@ -138,10 +138,11 @@ class TrainConfig:
     mask_mode: str = _f("respaced", "Reading of the masked alpha-bar: paper (Eq. 6), respaced or rescaled. respaced "
                         "keeps the pretrained noise levels, so sampling from pure noise stays right.",
                         choices=("paper", "respaced", "rescaled"))
-    pg_reward: str = _f("gap", "What the policy gradient minimises: loss (the paper's plain loss, Eq. 9) or gap "
-                        "(the error of the deterministic step to the previous kept step, eddpm/rewards.py). With "
-                        "the plain loss the learned steps collapse to high noise (README, 'Does EDDPM work?').",
-                        choices=("loss", "gap"))
+    pg_reward: str = _f("gap", "What the policy gradient minimises: loss (the paper's plain loss, Eq. 9), gap "
+                        "(the error of the deterministic step to the previous kept step, eddpm/rewards.py) or step "
+                        "(that step's discretisation error by step doubling: one more forward pass per row, "
+                        "respaced only). With the plain loss the learned steps collapse to high noise (README, "
+                        "'Does EDDPM work?').", choices=("loss", "gap", "step"))
     pg_baseline: str = _f("loo", "Policy-gradient baseline: loo (leave-one-out over the global batch) or none.",
                           choices=("loo", "none"))
 
@@ -298,6 +299,8 @@ def validate(cfg: TrainConfig) -> None:
     resume = cfg.resume_from_checkpoint
     if resume not in (None, "latest") and not os.path.isdir(resume):
         problems.append(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder")
+    if cfg.pg_reward == "step" and cfg.mask_mode != "respaced":
+        problems.append(f"--pg_reward step needs --mask_mode respaced, got {cfg.mask_mode}")
     if cfg.pg_baseline == "loo" and cfg.train_batch_size * cfg.gradient_accumulation_steps < 2:
         problems.append("--pg_baseline loo needs at least 2 rows per optimizer step on each process "
                         "(raise --train_batch_size or --gradient_accumulation_steps, or use --pg_baseline none)")

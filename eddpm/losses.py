@@ -49,7 +49,8 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     alpha_bar_t: torch.Tensor,
     prediction_type: str = "epsilon",
-) -> torch.Tensor:
+    return_prediction: bool = False,
+):
     """|| y - y_theta([x_t, c], t) ||^2 per sample, the unweighted loss of Algorithm 1, step 5 (times
     `loss_weights` it is L_b), mean over the 4 target channels and pixels. The target y is eps (IC-Light,
     SD1.5) or v = sqrt(alpha_t(m)) eps - sqrt(1 - alpha_t(m)) x_0 (Salimans & Ho 2022, Sec. 4; diffusers'
@@ -57,7 +58,8 @@ def diffusion_loss(
 
     latents, noise: [B, 4, h, w] clean target latents and eps; cond_latents: [B, 4, h, w] the CLEAN condition
     (never noised); prompt_embeds: [B, 77, D]; timesteps: [B] long; alpha_bar_t: [B] masked alpha-bar at t.
-    Returns [B] float32 (differentiable). `eps_error` turns a v error into the eps error.
+    Returns [B] float32 (differentiable); with return_prediction also x_t and y_theta ([B, 4, h, w], detached).
+    `eps_error` turns a v error into the eps error.
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -69,7 +71,7 @@ def diffusion_loss(
         a = alpha_bar_t.to(torch.float64).view(-1, 1, 1, 1)
         target = (a.sqrt() * noise.double() - (1.0 - a).sqrt() * latents.double()).float()
     per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # [B]
-    return per_sample
+    return (per_sample, noisy.detach(), pred.detach()) if return_prediction else per_sample
 
 
 def eps_error(losses: torch.Tensor, alpha_bar_t: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from eddpm import masks as M
-from eddpm.rewards import gap_rewards
+from eddpm.rewards import gap_rewards, step_rewards
 
-REWARDS = ("loss", "gap")  # what the policy gradient minimises: the plain loss (Eq. 9) or eddpm.rewards' gap
+# what the policy gradient minimises: the plain loss (Eq. 9), or eddpm.rewards' gap or step-doubling error
+REWARDS = ("loss", "gap", "step")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -25,7 +26,8 @@ class MaskPolicy:
 
     mask_mode: reading of the masked alpha-bar (eddpm.masks.MASK_MODES); baseline: "loo" or "none";
     lr, optimizer: eta_s of Eq. (11) and "sgd" (the paper's step) or "adam"; max_grad_norm: norm clip of
-    grad_s Phi (None: no clip); reward: "loss" (Eq. 9) or "gap" (eddpm/rewards.py).
+    grad_s Phi (None: no clip); reward: "loss" (Eq. 9), "gap" or "step" (eddpm/rewards.py; "step" needs
+    mask_mode "respaced" and the step errors that eddpm.training.train_step measures).
     """
 
     def __init__(
@@ -42,6 +44,9 @@ class MaskPolicy:
             raise ValueError(f"mask_mode must be one of {M.MASK_MODES}, got {mask_mode!r}")
         if reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+        if reward == "step" and mask_mode != "respaced":
+            raise ValueError(f"reward 'step' measures steps between pretrained noise levels: it needs mask_mode "
+                             f"'respaced', got {mask_mode!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.betas = betas.detach().to(torch.float64).cpu()  # [T]
@@ -67,14 +72,16 @@ class MaskPolicy:
                 "alpha_bar_T": alphas_cumprod[:, -1]}
 
     def update(
-        self, losses: torch.Tensor, masks: torch.Tensor, keep_fraction: float, timesteps: torch.Tensor | None = None
+        self, losses: torch.Tensor, masks: torch.Tensor, keep_fraction: float, timesteps: torch.Tensor | None = None,
+        step_errors: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Eqs. (9), (11), (12): s <- proj_S(s - eta_s grad_s Phi) with S = {s in [0,1]^T : sum(s) <= K_e}.
 
         losses: [N] detached per-sample losses of the global batch; masks: [N, T] their masks; timesteps: [N]
         their t, needed by reward "gap", which replaces each loss by `rewards.gap_rewards` (the error of the
         deterministic step to the previous kept step) and pins s_{T-1} = 1 (sampling starts there), projecting
-        the other entries onto K_e - 1 so that sum(s) <= K_e still holds.
+        the other entries onto K_e - 1 so that sum(s) <= K_e still holds. Reward "step" uses `step_errors` [N]
+        (`rewards.step_rewards`) instead of the losses, and pins s_{T-1} the same way.
 
         With baseline "loo" a step of fewer than 2 rows (the last, short optimizer step of an epoch when a
         micro-batch holds one row) has no baseline: s is left unchanged and score_grad_norm is NaN.
@@ -87,6 +94,10 @@ class MaskPolicy:
             if timesteps is None:
                 raise ValueError("reward 'gap' needs the timesteps of the rows")
             rewards = gap_rewards(rewards, masks.cpu(), timesteps.cpu(), self.betas, self.mask_mode)
+        elif self.reward == "step":
+            if step_errors is None:
+                raise ValueError("reward 'step' needs the step errors of the rows")
+            rewards = step_rewards(step_errors.cpu(), masks.cpu())
         grad = M.score_gradient(rewards, masks.cpu(), self.scores, baseline=self.baseline)  # [T]
         grad_norm = float(grad.norm())
         if self.max_grad_norm and grad_norm > self.max_grad_norm:
@@ -96,7 +107,7 @@ class MaskPolicy:
         self.optimizer.zero_grad(set_to_none=True)
         budget = keep_fraction * self.num_train_timesteps  # K_e
         with torch.no_grad():
-            if self.reward == "gap":
+            if self.reward in ("gap", "step"):
                 self.scores[:-1] = M.project_capped_simplex(self.scores[:-1], max(budget - 1.0, 0.0))
                 self.scores[-1] = 1.0
             else:
@@ -136,5 +147,5 @@ class UniformTimesteps:
         return {"masks": self.scores.expand(batch_size, -1), "timesteps": timesteps, "alpha_bar_t": alpha_bar_t,
                 "alpha_bar_T": self.alphas_cumprod[-1].expand(batch_size)}
 
-    def update(self, losses, masks, keep_fraction, timesteps=None) -> dict[str, float]:
+    def update(self, losses, masks, keep_fraction, timesteps=None, step_errors=None) -> dict[str, float]:
         return {"score_grad_norm": 0.0}

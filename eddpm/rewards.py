@@ -1,4 +1,5 @@
-"""A gap-aware reward for EDDPM's mask policy: the training default (`--pg_reward gap`); `loss` is the paper's.
+"""Rewards for EDDPM's mask policy other than the paper's plain loss: `gap` (the training default, Eq. (R1) of
+docs/eddpm-algorithm.md) and `step` (Eq. (R2)).
 
 Why: the plain loss of Algorithm 1 at a kept step t does not depend on where the other kept steps lie, so
 REINFORCE on it (Eq. 9) has no reason to favour masks that sample well; under `respaced` it prefers the
@@ -13,6 +14,14 @@ so ||x_s^DDIM - x_s||^2 = w(t, s) ||eps - eps_hat||^2, a closed-form weight on t
 kept step below t) is the final step to x_0: a_s = 1, w = (1 - a_t) / a_t = 1 / SNR_t. The model itself
 still trains on the plain loss; only the policy's reward changes. Meant for mask_mode "respaced", where a
 kept step keeps the pretrained noise level and the kept steps can drive any deterministic sampler.
+
+`step` (`--pg_reward step`, respaced only) charges the sampler's own discretisation error instead. The gap
+reward's ||eps - eps_hat||^2 is mostly the irreducible spread of eps given x_t, the same for every sampler;
+what a K-step sampler adds is the error of replacing the ODE path from t to s by one step. `step_doubling_errors`
+estimates it as in adaptive ODE solvers (step doubling): one DDIM step t -> s against two, t -> m -> s, with
+m = floor((t + max(s, 0)) / 2) and the model evaluated once more at m (the difference is half the one-step
+error for a first-order step). No target x_0 enters: the reward is a property of the model's ODE near the
+data, the quantity a schedule search (eddpm/schedule_search.py) measures against a teacher.
 """
 
 from __future__ import annotations
@@ -62,3 +71,47 @@ def gap_rewards(
     alpha_bar_s = torch.where(prev >= 0, alpha_bar_s, torch.ones_like(alpha_bar_s))  # step to x_0
     num_kept = masks.to(torch.float64).sum(-1)  # [B]
     return num_kept * ddim_step_weights(alpha_bar_t, alpha_bar_s) * losses.detach().double()
+
+
+def midpoint_timesteps(timesteps: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """m = floor((t + max(s, 0)) / 2): the step halfway between t and the previous kept step s (or 0)."""
+    return torch.div(timesteps.long() + previous.long().clamp(min=0), 2, rounding_mode="floor")
+
+
+def ddim_to(x: torch.Tensor, alpha_bar_from: torch.Tensor, eps: torch.Tensor, alpha_bar_to: torch.Tensor) -> torch.Tensor:
+    """The deterministic (DDIM, eta = 0) step from level alpha_bar_from to alpha_bar_to with the eps estimate eps:
+    sqrt(a_to) x0_hat + sqrt(1 - a_to) eps, x0_hat = (x - sqrt(1 - a_from) eps) / sqrt(a_from). a_to = 1 gives
+    x0_hat. x, eps: [B, ...]; alpha-bars [B]. Float64."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    a_from, a_to = alpha_bar_from.double().view(shape), alpha_bar_to.double().view(shape)
+    x0 = (x.double() - (1.0 - a_from).sqrt() * eps.double()) / a_from.sqrt()
+    return a_to.sqrt() * x0 + (1.0 - a_to).clamp(min=0.0).sqrt() * eps.double()
+
+
+def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """eps_hat from the model's output: itself (epsilon) or sqrt(a) v + sqrt(1 - a) x_t (v_prediction). Float64."""
+    if prediction_type == "epsilon":
+        return pred.double()
+    if prediction_type != "v_prediction":
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    a = alpha_bar_t.double().view((-1,) + (1,) * (x_t.dim() - 1))
+    return a.sqrt() * pred.double() + (1.0 - a).sqrt() * x_t.double()
+
+
+def step_doubling_errors(
+    x_t: torch.Tensor, eps_t: torch.Tensor, x_m: torch.Tensor, eps_m: torch.Tensor,
+    alpha_bar_t: torch.Tensor, alpha_bar_m: torch.Tensor, alpha_bar_s: torch.Tensor,
+) -> torch.Tensor:
+    """||DDIM(x_t: t -> s) - DDIM(x_m: m -> s)||^2 per row (mean over elements), with x_m = DDIM(x_t: t -> m).
+
+    x_t, eps_t: the state at t and the model's eps there; x_m, eps_m: the one-step state at m and the model's
+    eps at it; alpha-bars [B], a_s = 1 for the step to x_0. Returns [B] float64 (0 when m = t or m = s)."""
+    one = ddim_to(x_t, alpha_bar_t, eps_t, alpha_bar_s)
+    two = ddim_to(x_m, alpha_bar_m, eps_m, alpha_bar_s)
+    return (one - two).pow(2).flatten(1).mean(1)
+
+
+def step_rewards(step_errors: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """R_b = n_b e_b: an unbiased estimate of the summed step errors of mask b (t_b is one of its n_b kept
+    steps, drawn uniformly), as `gap_rewards`. step_errors [B], masks [B, T]. Returns [B] float64."""
+    return masks.to(torch.float64).sum(-1) * step_errors.detach().double()

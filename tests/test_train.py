@@ -467,6 +467,8 @@ def test_presets_resolve_and_flags_override():
     (["--checkpointing_steps", "-1"], "--checkpointing_steps must be >= 0"),
     (["--learning_rate", "0"], "--learning_rate must be > 0"),
     (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
+    (["--scores_lr", "-0.1"], "--scores_lr must be >= 0"),
+    (["--pg_reward", "step", "--mask_mode", "paper"], "--pg_reward step needs --mask_mode respaced"),
     (["--train_batch_size", "1"], "--pg_baseline loo needs at least 2 rows"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-9"], "is neither 'latest' nor a checkpoint folder"),
 ])

@@ -38,10 +38,11 @@ class RecordingPolicy(MaskPolicy):
         self.draws.append({k: v.clone() for k, v in result.items()})
         return result
 
-    def update(self, losses, masks, keep_fraction, timesteps=None):
+    def update(self, losses, masks, keep_fraction, timesteps=None, step_errors=None):
         self.updates.append({"losses": losses.clone(), "masks": masks.clone(), "timesteps": timesteps.clone(),
-                             "keep_fraction": keep_fraction})
-        return super().update(losses, masks, keep_fraction, timesteps=timesteps)
+                             "keep_fraction": keep_fraction,
+                             "step_errors": None if step_errors is None else step_errors.clone()})
+        return super().update(losses, masks, keep_fraction, timesteps=timesteps, step_errors=step_errors)
 
 
 class NaNOnCall(torch.nn.Module):
