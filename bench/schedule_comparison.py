@@ -195,6 +195,8 @@ def markdown(result: dict) -> str:
     lines += ["", f"Goal at K = {GOAL_STEPS} (beat the best baseline by two standard errors over seeds):\n"]
     lines += [f"- {g['eddpm']} minus {g['best_baseline']}: {g['mean']:+.3f} +- {g['se']:.3f} dB: "
               f"**{'met' if g['met'] else 'not met'}**" for g in s["goal"]]
+    if not s["goal"]:
+        lines.append(f"- not assessed: these runs have no EDDPM and baseline rows at K = {GOAL_STEPS}")
     lines += ["", "Compute to obtain each schedule:\n"]
     lines += [f"- {c}" for c in result["compute"]]
     lines.append("\n![PSNR and accuracy against K](psnr_vs_K.png)\n")

@@ -5,8 +5,10 @@ caption dropout 0.1, plain eps loss, gradient clip 1; AdamW and EMAModel with fo
 data and batch. They differ only in the policy that chooses t and alpha-bar_t:
   ddpm : eddpm.policy.UniformTimesteps: t ~ U{0..T-1}, the unmasked SD1.5 alpha-bar, no update;
   eddpm: eddpm.policy.MaskPolicy with train.py's defaults: draw (masks, masked alpha-bar, t among kept
-         steps) and, after the optimizer step, update (gap reward, score gradient, Adam, projection).
-The two loops alternate in blocks so that drifting machine load hits both alike; the figure is the median
+         steps) and, after the optimizer step, update (gap reward, score gradient, Adam, projection);
+  eddpm_step: the same with reward "step" (`--pg_reward step`): one more UNet forward pass without
+         gradients per sample, at each row's midpoint step.
+The loops alternate in blocks so that drifting machine load hits both alike; the figure is the median
 step time of each. The cache comparison times the tiny preset's EDDPM step with latents read from the
 cache against the same step that decodes, mattes and VAE/CLIP-encodes its batch every time (what training
 without a cache does).
@@ -101,23 +103,24 @@ def eddpm_vs_ddpm(kind: str, dataset, args) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True)
     batches = [b for _, b in zip(range(4), loader)]
     unet = build_unet(kind, args.seed).train()
-    policies = {"ddpm": UniformTimesteps(betas), "eddpm": MaskPolicy(betas)}
+    policies = {"ddpm": UniformTimesteps(betas), "eddpm": MaskPolicy(betas), "eddpm_step": MaskPolicy(betas, reward="step")}
     steps = {}
     for mode, policy in policies.items():
         counter = iter(range(10**9))
         trainee = make_trainee(copy.deepcopy(unet), policy, dataset.empty_prompt_embeds)
         steps[mode] = make_step(trainee, args.seed, lambda c=counter: batches[next(c) % len(batches)])
         timed(steps[mode], 3)  # warm-up
-    times = {"ddpm": [], "eddpm": []}
+    times = {mode: [] for mode in policies}
     for block in range(args.blocks):
-        order = ("ddpm", "eddpm") if block % 2 == 0 else ("eddpm", "ddpm")
+        order = list(policies)[block % 3:] + list(policies)[:block % 3]  # each loop in each position in turn
         for mode in order:
             times[mode] += timed(steps[mode], args.steps // args.blocks)
     med = {m: statistics.median(t) for m, t in times.items()}
     return {"model": kind, "params_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
             "latent": list(batches[0]["latents"].shape), "ddpm_step_s": med["ddpm"], "eddpm_step_s": med["eddpm"],
             "ddpm_steps_per_s": 1 / med["ddpm"], "eddpm_steps_per_s": 1 / med["eddpm"],
-            "overhead_pct": 100 * (med["eddpm"] / med["ddpm"] - 1), "steps_each": len(times["ddpm"])}
+            "overhead_pct": 100 * (med["eddpm"] / med["ddpm"] - 1), "eddpm_step_reward_step_s": med["eddpm_step"],
+            "step_reward_overhead_pct": 100 * (med["eddpm_step"] / med["eddpm"] - 1), "steps_each": len(times["ddpm"])}
 
 
 def cached_vs_uncached(dataset, parts, data_dir: str, args) -> dict:
@@ -194,11 +197,13 @@ def main(argv=None) -> dict:
 
     print(f"\n{results['command']}\n{results['cpu']}, {results['threads']} threads, torch {results['torch']}, "
           f"batch {args.batch_size}\n")
-    print("| model | params | latent | DDPM steps/s | EDDPM steps/s | EDDPM overhead | target <= 3% |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | params | latent | DDPM steps/s | EDDPM steps/s | EDDPM overhead | target <= 3% | "
+          "--pg_reward step: steps/s, cost over EDDPM |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["models"]:
         print(f"| {r['model']} | {r['params_M']}M | {'x'.join(map(str, r['latent'][2:]))} | {r['ddpm_steps_per_s']:.2f} "
-              f"| {r['eddpm_steps_per_s']:.2f} | {r['overhead_pct']:+.1f}% | {'PASS' if r['overhead_pct'] <= 3 else 'FAIL'} |")
+              f"| {r['eddpm_steps_per_s']:.2f} | {r['overhead_pct']:+.1f}% | {'PASS' if r['overhead_pct'] <= 3 else 'FAIL'} | "
+              f"{1 / r['eddpm_step_reward_step_s']:.2f}, {r['step_reward_overhead_pct']:+.1f}% |")
     c = results["cache"]
     print(f"\nTiny preset step: cached {1 / c['cached_step_s']:.2f} steps/s, uncached {1 / c['uncached_step_s']:.2f} "
           f"steps/s: {c['speedup']:.1f}x (target >= 3x: {'PASS' if c['speedup'] >= 3 else 'FAIL'})")

@@ -68,7 +68,7 @@ def test_train_overhead_steps_run_train_step_with_each_policy():
     gen = torch.Generator().manual_seed(0)
     batch = {"latents": torch.randn(2, 4, 8, 8, generator=gen), "cond_latents": torch.randn(2, 4, 8, 8, generator=gen),
              "prompt_embeds": torch.randn(2, 77, 32, generator=gen)}
-    for policy in (UniformTimesteps(SD15_BETAS), MaskPolicy(SD15_BETAS)):
+    for policy in (UniformTimesteps(SD15_BETAS), MaskPolicy(SD15_BETAS), MaskPolicy(SD15_BETAS, reward="step")):
         unet = copy.deepcopy(tiny_unet).train()
         start = [p.detach().clone() for p in unet.parameters()]
         trainee = train_overhead.make_trainee(unet, policy, torch.zeros(77, 32))
@@ -80,3 +80,4 @@ def test_train_overhead_steps_run_train_step_with_each_policy():
         assert trainee.ema.optimization_step == 1
         moved = not torch.equal(policy.scores, torch.ones(1000, dtype=torch.float64))
         assert moved == isinstance(policy, MaskPolicy), f"{type(policy).__name__}: s moved = {moved}"
+        assert (out.step_errors is not None) == (policy.reward == "step")
