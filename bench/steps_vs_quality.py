@@ -29,6 +29,7 @@ Methods, named model/sampler/steps:
     <model>/eddpm/uniform              control: the same EDDPM model and scheduler with K uniform steps
     <model>/dpmpp/{learned,uniform}    respaced readings only: DPM-Solver++ over the kept steps (custom
                                        timesteps) and over K uniform steps, on the same EDDPM model
+    <model>/ddim/learned               respaced readings only: DDIM over the kept steps
     base/dpmpp/learned-by-ft-<mode>    respaced readings only: the fine-tune's kept steps on `base`
     base/dpmpp/ays                     DPM-Solver++ (2M) on Align Your Steps' SD1.5 steps, log-linearly
                                        interpolated to K (eddpm/schedule_search.py ays_timesteps)
@@ -74,10 +75,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 
 from eddpm import masks as M  # noqa: E402
 from eddpm.policy import MaskPolicy, UniformTimesteps  # noqa: E402
+from eddpm.samplers import CustomTimestepsDDIMScheduler  # noqa: E402
 from eddpm.schedule_search import ays_timesteps, search_schedule  # noqa: E402
 from eddpm.scheduler import EDDPMScheduler  # noqa: E402
 from eddpm.training import StepSettings, Trainee, step_seed, train_step  # noqa: E402
@@ -390,8 +392,9 @@ def scheduler_for(kind: str, **extra):
     """A diffusers scheduler on SD1.5's betas, no clipping, uniform steps spaced "trailing" (start at T-1)."""
     if kind == "ddpm":
         return DDPMScheduler(**SD15, clip_sample=False, timestep_spacing="trailing")
-    if kind == "ddim":
-        return DDIMScheduler(**SD15, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    if kind == "ddim":  # DDIMScheduler, which also takes custom timesteps (the learned steps)
+        return CustomTimestepsDDIMScheduler(**SD15, clip_sample=False, set_alpha_to_one=True,
+                                            timestep_spacing="trailing")
     if kind == "dpmpp":
         return DPMSolverMultistepScheduler(**SD15, algorithm_type="dpmsolver++", solver_order=2,
                                            timestep_spacing="trailing")
@@ -509,6 +512,7 @@ def run_unit(name: str, seed: int, cfg: BenchConfig, data: dict, classifier_stat
                 record(f"{label}/eddpm/uniform", k, eddpm_model, uniform, num_steps=k)
                 if mask_mode == "respaced":
                     record(f"{label}/dpmpp/learned", k, eddpm_model, scheduler_for("dpmpp"), timesteps=kept)
+                    record(f"{label}/ddim/learned", k, eddpm_model, scheduler_for("ddim"), timesteps=kept)
                     record(f"{label}/dpmpp/uniform", k, eddpm_model, scheduler_for("dpmpp"), num_steps=k)
                     if init == "ft":
                         record(f"base/dpmpp/learned-by-{label}", k, base_model, scheduler_for("dpmpp"),

@@ -139,6 +139,8 @@ def expected_methods(config: dict) -> dict[str, list[int]]:
             for sampler in samplers:
                 for steps in ("learned", "uniform"):
                     methods[f"{init}-{mode}/{sampler}/{steps}"] = init_ks
+            if mode.startswith("respaced"):
+                methods[f"{init}-{mode}/ddim/learned"] = init_ks
             if init == "ft" and mode.startswith("respaced"):
                 methods[f"base/dpmpp/learned-by-ft-{mode}"] = ks
             if mode.startswith("respaced") and "searched" in config["samplers"]:
