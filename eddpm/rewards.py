@@ -78,14 +78,17 @@ def midpoint_timesteps(timesteps: torch.Tensor, previous: torch.Tensor) -> torch
     return torch.div(timesteps.long() + previous.long().clamp(min=0), 2, rounding_mode="floor")
 
 
-def ddim_to(x: torch.Tensor, alpha_bar_from: torch.Tensor, eps: torch.Tensor, alpha_bar_to: torch.Tensor) -> torch.Tensor:
-    """The deterministic (DDIM, eta = 0) step from level alpha_bar_from to alpha_bar_to with the eps estimate eps:
-    sqrt(a_to) x0_hat + sqrt(1 - a_to) eps, x0_hat = (x - sqrt(1 - a_from) eps) / sqrt(a_from). a_to = 1 gives
-    x0_hat. x, eps: [B, ...]; alpha-bars [B]. Float64."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    a_from, a_to = alpha_bar_from.double().view(shape), alpha_bar_to.double().view(shape)
-    x0 = (x.double() - (1.0 - a_from).sqrt() * eps.double()) / a_from.sqrt()
-    return a_to.sqrt() * x0 + (1.0 - a_to).clamp(min=0.0).sqrt() * eps.double()
+def ddim_to(x: torch.Tensor, alpha_bar_from, eps: torch.Tensor, alpha_bar_to) -> torch.Tensor:
+    """DDIM's deterministic update (Song et al. 2021, Eq. 12, sigma = 0) from level alpha_bar_from to alpha_bar_to
+    with the eps estimate eps: sqrt(a_to) x0_hat + sqrt(1 - a_to) eps, x0_hat = (x - sqrt(1 - a_from) eps) /
+    sqrt(a_from); a_to = 1 gives x0_hat. x, eps: [B, ...]; the levels are floats or [B] tensors (one per row).
+    Computed in the widest dtype of the inputs (eddpm/schedule_search.py's search passes float32 and floats)."""
+    if torch.is_tensor(alpha_bar_from):
+        alpha_bar_from = alpha_bar_from.view((-1,) + (1,) * (x.dim() - 1))
+    if torch.is_tensor(alpha_bar_to):
+        alpha_bar_to = alpha_bar_to.view((-1,) + (1,) * (x.dim() - 1))
+    x0_hat = (x - (1.0 - alpha_bar_from) ** 0.5 * eps) / alpha_bar_from ** 0.5
+    return alpha_bar_to ** 0.5 * x0_hat + (1.0 - alpha_bar_to) ** 0.5 * eps
 
 
 def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from eddpm.rewards import ddim_to
+
 # Align Your Steps (Sabour et al., 2024): the published 10 SD1.5 timesteps (docs/eddpm-algorithm.md, "Related methods")
 from eddpm.samplers import AYS_SD15_TIMESTEPS
 
@@ -95,13 +97,6 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t: int) -> float:
     return 1.0 if t == END else float(alphas_cumprod[t].to(torch.float64))
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:
-    """DDIM's deterministic update (Song et al. 2021, Eq. 12, sigma = 0) from a_from to a_to:
-    x_to = sqrt(a_to) x0_hat + sqrt(1 - a_to) eps, x0_hat = (x - sqrt(1 - a_from) eps) / sqrt(a_from)."""
-    x0_hat = (x - (1.0 - a_from) ** 0.5 * eps) / a_from ** 0.5
-    return a_to ** 0.5 * x0_hat + (1.0 - a_to) ** 0.5 * eps
-
-
 def teacher_grid(teacher_steps: int, grid_stride: int, num_train_timesteps: int = 1000) -> tuple[list[int], list[int]]:
     """(fine teacher steps, coarse grid): the teacher runs `uniform_timesteps(teacher_steps)`; the grid is
     every `grid_stride`-th of them from T-1 on, plus END. Both descending; the grid is a subset of the fine steps."""
@@ -121,7 +116,7 @@ def teacher_states(eps_fn: EpsFn, x_start: torch.Tensor, fine: Sequence[int], gr
     states = {fine[0]: x}
     for t, t_next in zip(fine, list(fine[1:]) + [END]):
         eps = eps_fn(x.to(x_start.dtype), t).to(torch.float64)
-        x = ddim_step(x, eps, alpha_bar_at(alphas_cumprod, t), alpha_bar_at(alphas_cumprod, t_next))
+        x = ddim_to(x, alpha_bar_at(alphas_cumprod, t), eps, alpha_bar_at(alphas_cumprod, t_next))
         if t_next in wanted:
             states[t_next] = x
     return torch.stack([states[t] for t in grid])
@@ -140,7 +135,7 @@ def cost_matrix(eps_fn: EpsFn, states: torch.Tensor, grid: Sequence[int], alphas
         eps = eps_fn(x.to(model_dtype), grid[i]).to(torch.float64)
         a_i = alpha_bar_at(alphas_cumprod, grid[i])
         for j in range(i + 1, G):
-            diff = ddim_step(x, eps, a_i, alpha_bar_at(alphas_cumprod, grid[j])) - states[j]
+            diff = ddim_to(x, a_i, eps, alpha_bar_at(alphas_cumprod, grid[j])) - states[j]
             cost[i, j] = float(diff.flatten(1).pow(2).mean(1).sqrt().mean())
     return cost
 
